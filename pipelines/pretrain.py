@@ -1,0 +1,72 @@
+"""Stage `pretrain`: Ray Train pretraining -> models/encoder.pt, metrics/pretrain.json, plots/pretrain.csv.
+
+Checkpoints live in checkpoints/<run name>, a folder DVC keeps between runs (persist), and the run
+name is a hash of everything that shapes the result: an interrupted `dvc repro` resumes where it
+stopped, while changed params start afresh.
+"""
+
+import csv
+import hashlib
+import json
+import shutil
+import time
+
+from pipelines.common import CHECKPOINTS, ENCODER, METRICS, PLOTS, PREPARED, read_params, run_stage, write_json
+from selfsup.data.arrays import Manifest, load_split
+from selfsup.errors import ConfigError
+from selfsup.models import save_encoder
+from selfsup.train.loop import PretrainSpec, build_model
+
+
+def main() -> None:
+    params = read_params()
+    manifest = Manifest.read(PREPARED)
+    train_count = manifest.splits["train"]["count"]
+    if params.train.batch_size > train_count:  # caught here, before Ray starts
+        raise ConfigError(
+            f"params.yaml: train.batch_size={params.train.batch_size} exceeds the {train_count} training "
+            f"images of {manifest.source}; allowed: at most {train_count}"
+        )
+    spec = PretrainSpec(params.model, params.method, params.views, params.train, manifest.mean, manifest.std)
+    identity = json.dumps([spec.__repr__(), params.scaling.__repr__(), manifest.sha256])
+    run_name = f"{params.method.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    _remove_stale_runs(keep=run_name)
+
+    from selfsup.train.ray_trainer import pretrain_with_ray  # Ray imports only once params are good
+
+    started = time.perf_counter()
+    state = pretrain_with_ray(load_split(PREPARED, "train", with_labels=False), spec, params.scaling, CHECKPOINTS, run_name)
+    wall = time.perf_counter() - started
+
+    method = build_model(spec)
+    method.load_state_dict(state["method"])
+    save_encoder(method.encoder, ENCODER, manifest.image_size)
+    history = state["history"]
+    PLOTS.mkdir(exist_ok=True)
+    with open(PLOTS / "pretrain.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    write_json(
+        METRICS / "pretrain.json",
+        {
+            "final_loss": history[-1]["loss"],
+            "epochs": len(history),
+            "images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
+            "wall_s": round(wall, 1),
+        },
+    )
+    shutil.rmtree(CHECKPOINTS / run_name, ignore_errors=True)  # done: a forced re-run trains afresh
+    print(f"pretrained {len(history)} epochs in {wall:.0f} s; encoder saved to {ENCODER.relative_to(ENCODER.parents[1])}")
+
+
+def _remove_stale_runs(keep: str) -> None:
+    """Checkpoints of other configurations can never be resumed by this one."""
+    if CHECKPOINTS.is_dir():
+        for folder in CHECKPOINTS.iterdir():
+            if folder.name != keep and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,1 @@
+"""Datasets -> uint8 arrays on disk, and batched view augmentations on the training device."""

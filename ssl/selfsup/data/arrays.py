@@ -1,0 +1,106 @@
+"""The prepared dataset on disk: one array file per split and a manifest that describes them.
+
+A split file is an uncompressed `.npz` with `images` (uint8, N x H x W x 3) and `labels` (int64, N).
+Labels sit beside the images but pretraining reads only `images`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from selfsup.errors import DatasetError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, N x H x W x 3
+    labels: np.ndarray  # int64, N
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise DatasetError(f"images must be uint8 N x H x W x 3, got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (len(self.images),):
+            raise DatasetError(f"{len(self.labels)} labels for {len(self.images)} images")
+
+
+@dataclass
+class Manifest:
+    source: str
+    image_size: list[int]  # [H, W]
+    class_names: list[str]
+    splits: dict[str, dict] = field(default_factory=dict)  # name -> {file, count, sha256}
+    mean: list[float] = field(default_factory=list)  # per channel, of train, in [0, 1]
+    std: list[float] = field(default_factory=list)
+    sha256: str = ""  # of all split files together: the dataset's identity in lineage tags
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise DatasetError(f"no prepared dataset at {path}: run `dvc repro prepare` first")
+        return cls(**json.loads(path.read_text()))
+
+    def split_path(self, folder: str | Path, split: str) -> Path:
+        if split not in self.splits:
+            raise DatasetError(f"split {split!r} not in the prepared dataset ({', '.join(self.splits)})")
+        return Path(folder) / self.splits[split]["file"]
+
+
+def write_dataset(folder: str | Path, source: str, splits: dict[str, Split], class_names: list[str]) -> Manifest:
+    """Write each split and the manifest; files appear whole or not at all."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train = splits["train"].images
+    pixels = train.reshape(-1, 3).astype(np.float64) / 255.0
+    manifest = Manifest(
+        source=source,
+        image_size=list(train.shape[1:3]),
+        class_names=class_names,
+        mean=pixels.mean(0).round(6).tolist(),
+        std=pixels.std(0).round(6).tolist(),
+    )
+    for name, split in splits.items():
+        path = folder / f"{name}.npz"
+        _atomic_write(path, lambda f, s=split: np.savez(f, images=s.images, labels=s.labels))
+        manifest.splits[name] = {"file": path.name, "count": len(split.labels), "sha256": file_sha256(path)}
+    manifest.sha256 = hashlib.sha256(
+        "".join(manifest.splits[n]["sha256"] for n in sorted(manifest.splits)).encode()
+    ).hexdigest()
+    _atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(asdict(manifest), indent=2).encode()))
+    return manifest
+
+
+def load_split(folder: str | Path, split: str, with_labels: bool = True) -> Split | np.ndarray:
+    """Load one prepared split; `with_labels=False` returns the images alone (what pretraining sees)."""
+    manifest = Manifest.read(folder)
+    path = manifest.split_path(folder, split)
+    try:
+        with np.load(path) as arrays:
+            images = arrays["images"]
+            labels = arrays["labels"] if with_labels else None
+    except (OSError, ValueError, KeyError) as error:
+        raise DatasetError(f"cannot read {path} ({error}): re-run `dvc repro -f prepare`") from None
+    return Split(images, labels) if with_labels else images
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    with open(temporary, "wb") as f:
+        write(f)
+    os.replace(temporary, path)

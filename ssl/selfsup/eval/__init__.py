@@ -1,0 +1,1 @@
+"""Frozen-feature evaluations: features extracted once, then a weighted kNN and a linear probe."""

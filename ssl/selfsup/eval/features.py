@@ -1,0 +1,51 @@
+"""Features of a frozen encoder, extracted once per encoder and cached as arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfsup.data.views import to_float_images
+from selfsup.models import Encoder
+
+
+@torch.no_grad()
+def extract_features(encoder: Encoder, images: np.ndarray, batch_size: int = 512, device: str = "cpu") -> np.ndarray:
+    """uint8 N x H x W x 3 -> float32 N x D, the encoder in eval mode (BatchNorm frozen)."""
+    encoder = encoder.eval().to(device)
+    chunks = [
+        encoder(to_float_images(torch.from_numpy(images[i : i + batch_size]).to(device))).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks).numpy()
+
+
+def save_features(path: str | Path, **arrays: np.ndarray) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def load_features(path: str | Path) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no features at {path}: run `dvc repro features` first")
+    with np.load(path) as arrays:
+        return dict(arrays)
+
+
+def embed_images(encoder: Encoder, image_size: list[int], images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """What a registered encoder serves: uint8 images (N x H x W x 3, any H and W) -> float32 N x D.
+
+    Images of another size are center-cropped and resized to the size the encoder was trained at.
+    """
+    from selfsup.data.sources import resize_square
+
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
+    if list(images.shape[1:3]) != list(image_size):
+        images = resize_square(images, image_size[0])
+    return extract_features(encoder, images, batch_size)

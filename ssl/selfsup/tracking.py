@@ -1,0 +1,150 @@
+"""MLflow: the tracking store, lineage tags, encoder registration and the champion alias."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+# Quiet and offline by default; a user's own settings win.
+for _key, _value in {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import ModelSignature  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.types import Schema, TensorSpec  # noqa: E402
+
+from selfsup.config import MlflowConfig  # noqa: E402
+from selfsup.errors import TrackingError  # noqa: E402
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    alias: str  # champion or challenger
+    score: float
+    previous_champion_score: float | None
+    model_uri: str  # models:/NAME/VERSION
+
+
+def resolve_tracking_uri(config: MlflowConfig, root: str | Path) -> str:
+    """MLFLOW_TRACKING_URI wins; a relative sqlite path is taken relative to `root` (the repo)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str((Path(root) / uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def check_reachable(uri: str) -> None:
+    """MLflow retries an unreachable server for minutes; a TCP probe says so in seconds."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
+    except OSError as error:
+        raise TrackingError(
+            f"the MLflow server at {uri} is unreachable ({error}): start it (`mlflow server --host "
+            "127.0.0.1`), fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store"
+        ) from None
+
+
+def use_experiment(config: MlflowConfig, root: str | Path) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id.
+
+    A local store keeps artifacts in `<root>/mlartifacts`, set explicitly when the experiment is made:
+    MLflow would otherwise record a path relative to wherever the first run happened.
+    """
+    uri = resolve_tracking_uri(config, root)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (Path(root) / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+    return mlflow.create_experiment(config.experiment, artifact_location=location)
+
+
+def register_encoder(
+    encoder_path: str | Path,
+    config: MlflowConfig,
+    root: str | Path,
+    *,
+    params: dict,
+    metrics: dict[str, float],
+    lineage: dict[str, str],
+    example: np.ndarray,
+    feature_dim: int,
+) -> Registration:
+    """Log the encoder as a pyfunc model, register a version, and set its alias.
+
+    The version becomes `champion` only if its `config.champion_metric` beats the current champion's;
+    otherwise it is the `challenger`.
+    """
+    experiment_id = use_experiment(config, root)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim), "embeddings")]),
+    )
+    import torch
+
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params(_flatten(params))
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(lineage)
+        info = mlflow.pyfunc.log_model(
+            name="encoder",
+            python_model=str(PACKAGE_DIR / "serving.py"),
+            artifacts={"encoder": str(encoder_path)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"],
+            registered_model_name=config.model_name,
+        )
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    score = metrics[config.champion_metric]
+    champion_score = _champion_score(client, config)
+    alias = CHAMPION if champion_score is None or score > champion_score else CHALLENGER
+    client.set_registered_model_alias(config.model_name, alias, version)
+    tags = {
+        **lineage,
+        **{f"params.{k}": v for k, v in _flatten(params).items()},
+        **{f"metrics.{k}": f"{v:.6f}" for k, v in metrics.items()},
+        "run_id": run.info.run_id,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(config.model_name, version, key, value)
+    return Registration(config.model_name, version, alias, score, champion_score, f"models:/{config.model_name}/{version}")
+
+
+def _champion_score(client: MlflowClient, config: MlflowConfig) -> float | None:
+    try:
+        champion = client.get_model_version_by_alias(config.model_name, CHAMPION)
+    except MlflowException:
+        return None  # no champion yet
+    return client.get_run(champion.run_id).data.metrics.get(config.champion_metric)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat

@@ -1,0 +1,162 @@
+"""The per-worker pretraining loop, the same for every method and for any number of workers.
+
+It knows nothing of Ray: its caller hands it a `Session` that says which worker it is and carries
+metrics and checkpoints out (Ray Train's in `selfsup.train.ray_trainer`, or `LocalSession` for a
+plain single-process run). Each worker holds the whole uint8 dataset on its device, takes its shard of
+a shared per-epoch permutation, and makes the views on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from selfsup.config import MethodConfig, ModelConfig, TrainConfig, ViewConfig
+from selfsup.data.views import view_generator
+from selfsup.errors import CheckpointError, ConfigError, NonFiniteLossError
+from selfsup.methods import NUM_VIEWS, build_method
+from selfsup.models import Encoder
+from selfsup.train.optim import build_optimizer, set_lr, warmup_cosine
+from selfsup.train.step import TrainStep
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Everything a worker needs besides the images: typed configs plus the dataset's statistics."""
+
+    model: ModelConfig
+    method: MethodConfig
+    views: ViewConfig
+    train: TrainConfig
+    mean: list[float]
+    std: list[float]
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def latest_checkpoint(self) -> dict | None: ...
+
+    def report(self, metrics: dict, checkpoint: dict | None) -> None:
+        """Called by every rank at each checkpoint epoch; only rank 0 passes the state."""
+
+
+@dataclass
+class LocalSession:
+    """One process, checkpoints in a folder: for runs and benchmarks without Ray."""
+
+    checkpoint_dir: Path | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    reports: list[dict] = field(default_factory=list)
+
+    def latest_checkpoint(self) -> dict | None:
+        path = self.checkpoint_dir and Path(self.checkpoint_dir) / CHECKPOINT_FILE
+        return load_checkpoint(path) if path and path.exists() else None
+
+    def report(self, metrics: dict, checkpoint: dict | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint is not None and self.checkpoint_dir is not None:
+            Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, Path(self.checkpoint_dir) / CHECKPOINT_FILE)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({error}); delete that checkpoint folder to "
+            "resume from an earlier one, or delete checkpoints/ to start over"
+        ) from None
+
+
+def build_model(spec: PretrainSpec) -> nn.Module:
+    """The method module (encoder + heads), initialised from train.seed: identical on every worker."""
+    torch.manual_seed(spec.train.seed)
+    return build_method(Encoder(spec.model, spec.mean, spec.std), spec.method)
+
+
+def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict:
+    """Pretrain on uint8 N x H x W x 3 images; returns the final checkpoint (the last one reported)."""
+    train, device = spec.train, session.device
+    method = build_model(spec).to(device)
+    optimizer = build_optimizer(method, train)
+    state = session.latest_checkpoint()
+    start_epoch, history = 0, []
+    if state is not None:
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+        if session.rank == 0:
+            print(f"resuming from the checkpoint of epoch {start_epoch}/{train.epochs}", flush=True)
+    model = DistributedDataParallel(method) if session.world_size > 1 else method
+    step = TrainStep(model, optimizer, spec.views, NUM_VIEWS[spec.method.name], train, device)
+
+    data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
+    local_batch = train.batch_size // session.world_size
+    steps_per_epoch = len(data) // session.world_size // local_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"params.yaml: train.batch_size={train.batch_size} exceeds the {len(data)} training images; lower it"
+        )
+    total_steps, warmup_steps = train.epochs * steps_per_epoch, train.warmup_epochs * steps_per_epoch
+    for epoch in range(start_epoch, train.epochs):
+        method.train()
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
+        shard = order[session.rank :: session.world_size].to(device)
+        generator = view_generator(train.seed, epoch, session.rank, device)
+        started, loss_sum = time.perf_counter(), torch.zeros((), device=device)
+        for i in range(steps_per_epoch):
+            lr = warmup_cosine(epoch * steps_per_epoch + i, total_steps, warmup_steps, train.lr)
+            set_lr(optimizer, lr)
+            loss_sum += step(data[shard[i * local_batch : (i + 1) * local_batch]], generator)
+        loss = loss_sum.item() / steps_per_epoch  # one device sync per epoch, not per step
+        seconds = time.perf_counter() - started
+        if not math.isfinite(loss):
+            last = history[-1]["epoch"] if history else 0
+            raise NonFiniteLossError(
+                f"the loss became {loss} in epoch {epoch + 1}; checkpoints up to epoch {last} are kept. "
+                f"Lower train.lr (now {train.lr}) or raise method.temperature (now {spec.method.temperature})"
+            )
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": round(loss, 6),
+            "lr": round(lr, 8),
+            "images_per_s": round(steps_per_epoch * train.batch_size / seconds, 1),
+            "epoch_s": round(seconds, 3),
+        }
+        history.append(metrics)
+        if session.rank == 0:
+            print(
+                f"epoch {epoch + 1:>3}/{train.epochs}  loss {loss:.4f}  lr {lr:.4g}  "
+                f"{metrics['images_per_s']:,.0f} img/s  {seconds:.1f} s",
+                flush=True,
+            )
+        if (epoch + 1) % train.checkpoint_every == 0 or epoch + 1 == train.epochs:
+            # Only at checkpoints: each Ray report waits for the controller's poll (every 2 s), a
+            # cost per call that per-epoch reports would pay on every short epoch. Every rank
+            # reports (Ray's report is a barrier); rank 0 alone carries the state.
+            state = None
+            if session.rank == 0:
+                state = {
+                    "method": {k: v.detach().cpu() for k, v in method.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                }
+            session.report(metrics, state)
+    return state if state is not None else session.latest_checkpoint()
