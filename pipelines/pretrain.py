@@ -57,7 +57,15 @@ def main() -> None:
         },
     )
     shutil.rmtree(CHECKPOINTS / run_name, ignore_errors=True)  # done: a forced re-run trains afresh
+    (CHECKPOINTS / "README").write_text(CHECKPOINTS_README)
     print(f"pretrained {len(history)} epochs in {wall:.0f} s; encoder saved to {ENCODER.relative_to(ENCODER.parents[1])}")
+
+
+CHECKPOINTS_README = """\
+Ray Train checkpoints of the pretrain stage, one folder per configuration (a hash of the params).
+DVC keeps this folder between runs (persist: true) so that an interrupted `dvc repro` resumes from
+the latest checkpoint; a finished run removes its own folder.
+"""
 
 
 def _remove_stale_runs(keep: str) -> None:

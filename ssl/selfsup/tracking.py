@@ -95,9 +95,10 @@ def register_encoder(
     otherwise it is the `challenger`.
     """
     experiment_id = use_experiment(config, root)
+    # Unnamed tensors: a named input spec would reach predict as a dict, not the array users pass.
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim), "embeddings")]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim))]),
     )
     import torch
 

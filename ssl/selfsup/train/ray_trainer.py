@@ -88,7 +88,10 @@ def _ray_worker(config: dict) -> None:
     import torch
     from ray.train.torch import get_device
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report otherwise
+    # Ray logs every report at INFO through a logger named after its file, outside "ray.train".
+    from ray.train.v2._internal.execution import context as ray_context
+
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
     context = ray.train.get_context()
 
     class RaySession:

@@ -1,0 +1,80 @@
+"""Shared helpers: a private copy of the repository to run real `dvc repro` in, and a stage runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
+
+# Small enough for seconds per stage on 2 cores, big enough that every stage does real work.
+TINY_PARAMS = {
+    "train": {"epochs": 2, "batch_size": 128, "checkpoint_every": 1, "warmup_epochs": 0},
+    "eval": {"linear": {"epochs": 5}},
+}
+
+
+def stage_env(tmp: Path) -> dict[str, str]:
+    """The environment stage commands run in: this venv first on PATH, private DVC/Ray state."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_SITE_CACHE_DIR"] = str(tmp / "dvc-site-cache")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def copy_repo(destination: Path) -> Path:
+    """The working tree as git sees it (tracked + untracked, not ignored), committed in a new repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    for name in ("dvc.lock",):  # results of this checkout's own runs must not leak into the copy
+        (destination / name).unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)
+    return destination
+
+
+def update_params(repo: Path, changes: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+
+    def merge(into: dict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict):
+                merge(into.setdefault(key, {}), value)
+            else:
+                into[key] = value
+
+    merge(params, changes)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(command: list[str], repo: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    result.output = result.stdout + result.stderr  # type: ignore[attr-defined]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A private copy of the repo with tiny params, and the env to run its stages in."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    repo = copy_repo(tmp / "repo")
+    update_params(repo, TINY_PARAMS)
+    return repo, stage_env(tmp)
