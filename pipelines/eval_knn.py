@@ -12,7 +12,10 @@ def main() -> None:
         name: knn_accuracy(f[f"{name}_train"], f["train_labels"], f[f"{name}_test"], f["test_labels"], config)
         for name in ("pretrained", "baseline")
     }
-    write_json(METRICS / "eval_knn.json", {"top1": round(scores["pretrained"], 4), "baseline_top1": round(scores["baseline"], 4)})
+    write_json(
+        METRICS / "eval_knn.json",
+        {"top1": round(scores["pretrained"], 4), "baseline_top1": round(scores["baseline"], 4)},
+    )
     print(f"kNN (k={config.k}) top-1: {scores['pretrained']:.2%} pretrained vs {scores['baseline']:.2%} random init")
 
 

@@ -10,11 +10,19 @@ def main() -> None:
     f = load_features(FEATURES)
     scores = {
         name: linear_probe_accuracy(
-            f[f"{name}_train"], f["train_labels"], f[f"{name}_test"], f["test_labels"], params.eval.linear, params.train.seed
+            f[f"{name}_train"],
+            f["train_labels"],
+            f[f"{name}_test"],
+            f["test_labels"],
+            params.eval.linear,
+            params.train.seed,
         )
         for name in ("pretrained", "baseline")
     }
-    write_json(METRICS / "eval_linear.json", {"top1": round(scores["pretrained"], 4), "baseline_top1": round(scores["baseline"], 4)})
+    write_json(
+        METRICS / "eval_linear.json",
+        {"top1": round(scores["pretrained"], 4), "baseline_top1": round(scores["baseline"], 4)},
+    )
     print(f"linear probe top-1: {scores['pretrained']:.2%} pretrained vs {scores['baseline']:.2%} random init")
 
 

@@ -1,6 +1,7 @@
 """Stage `features`: frozen features of the pretrained encoder and of a random-init baseline, once."""
 
 import numpy as np
+import torch
 
 from pipelines.common import ENCODER, FEATURES, PREPARED, read_params, run_stage
 from selfsup.data.arrays import Manifest, load_split
@@ -13,8 +14,6 @@ def main() -> None:
     manifest = Manifest.read(PREPARED)
     encoder, _ = load_encoder(ENCODER)
     # The baseline: the same architecture with the initial weights pretraining started from.
-    import torch
-
     torch.manual_seed(params.train.seed)
     baseline = Encoder(params.model, manifest.mean, manifest.std)
     arrays: dict[str, np.ndarray] = {}
@@ -24,8 +23,10 @@ def main() -> None:
         arrays[f"pretrained_{split}"] = extract_features(encoder, data.images, params.eval.batch_size)
         arrays[f"baseline_{split}"] = extract_features(baseline, data.images, params.eval.batch_size)
     save_features(FEATURES, **arrays)
-    print(f"features: {arrays['pretrained_train'].shape[1]}-d for {len(arrays['train_labels'])} train and "
-          f"{len(arrays['test_labels'])} test images")
+    print(
+        f"features: {arrays['pretrained_train'].shape[1]}-d for {len(arrays['train_labels'])} train and "
+        f"{len(arrays['test_labels'])} test images"
+    )
 
 
 if __name__ == "__main__":

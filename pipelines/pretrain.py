@@ -35,7 +35,9 @@ def main() -> None:
     from selfsup.train.ray_trainer import pretrain_with_ray  # Ray imports only once params are good
 
     started = time.perf_counter()
-    state = pretrain_with_ray(load_split(PREPARED, "train", with_labels=False), spec, params.scaling, CHECKPOINTS, run_name)
+    state = pretrain_with_ray(
+        load_split(PREPARED, "train", with_labels=False), spec, params.scaling, CHECKPOINTS, run_name
+    )
     wall = time.perf_counter() - started
 
     method = build_model(spec)
@@ -58,7 +60,9 @@ def main() -> None:
     )
     shutil.rmtree(CHECKPOINTS / run_name, ignore_errors=True)  # done: a forced re-run trains afresh
     (CHECKPOINTS / "README").write_text(CHECKPOINTS_README)
-    print(f"pretrained {len(history)} epochs in {wall:.0f} s; encoder saved to {ENCODER.relative_to(ENCODER.parents[1])}")
+    print(
+        f"pretrained {len(history)} epochs in {wall:.0f} s; encoder saved to {ENCODER.relative_to(ENCODER.parents[1])}"
+    )
 
 
 CHECKPOINTS_README = """\

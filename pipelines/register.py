@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from dataclasses import asdict
 
 from pipelines.common import ENCODER, METRICS, PREPARED, ROOT, read_params, run_stage, write_json
 from selfsup.data.arrays import Manifest, load_split
@@ -32,15 +33,18 @@ def main() -> None:
         example=load_split(PREPARED, "test").images[:2],
         feature_dim=encoder.feature_dim,
     )
-    write_json(ROOT / "models" / "registration.json", registration.__dict__)
+    write_json(ROOT / "models" / "registration.json", asdict(registration))
     previous = registration.previous_champion_score
     versus = f" (champion had {previous:.2%})" if previous is not None else " (first champion)"
-    print(f"registered {registration.name} version {registration.version} as @{registration.alias}: "
-          f"{params.mlflow.champion_metric} {registration.score:.2%}{versus}")
+    print(
+        f"registered {registration.name} version {registration.version} as @{registration.alias}: "
+        f"{params.mlflow.champion_metric} {registration.score:.2%}{versus}"
+    )
 
 
 def _git_commit() -> str:
     """HEAD's commit, marked `-dirty` when tracked files differ from it."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 

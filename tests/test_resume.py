@@ -21,8 +21,12 @@ def test_killed_pretrain_resumes_from_the_latest_checkpoint(tiny_repo):
     assert run(["dvc", "repro", "prepare"], repo, env).returncode == 0
 
     stage = subprocess.Popen(
-        ["python", "-m", "pipelines.pretrain"], cwd=repo, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ["python", "-m", "pipelines.pretrain"],
+        cwd=repo,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     checkpoints = repo / "checkpoints"
     deadline = time.monotonic() + 240

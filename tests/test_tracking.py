@@ -32,11 +32,14 @@ def test_champion_moves_only_when_beaten(tmp_path, encoder_file, monkeypatch):
     aliases = []
     for knn in (0.50, 0.40, 0.60):
         registration = register_encoder(
-            path, config, tmp_path,
+            path,
+            config,
+            tmp_path,
             params={"train": {"lr": 0.1}},
             metrics={"knn_top1": knn, "linear_top1": 0.9},
             lineage={"git_commit": "abc", "dataset_sha256": "0" * 64},
-            example=example, feature_dim=dim,
+            example=example,
+            feature_dim=dim,
         )
         aliases.append((registration.version, registration.alias, registration.previous_champion_score))
     assert aliases == [("1", "champion", None), ("2", "challenger", 0.5), ("3", "champion", 0.5)]

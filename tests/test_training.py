@@ -68,7 +68,7 @@ def test_nan_loss_stops_with_the_fix_and_keeps_the_last_checkpoint(digits, tmp_p
     images, manifest = digits
     folder = tmp_path / "run"
     train_loop(images, make_spec(manifest, epochs=1), LocalSession(folder))  # a healthy first epoch
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2; checkpoints up to epoch 1 are kept.*Lower train.lr"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2; the checkpoint of epoch 1 is kept.*Lower train.lr"):
         train_loop(images, make_spec(manifest, epochs=3, lr=1e12), LocalSession(folder))
     kept = LocalSession(folder).latest_checkpoint()
     assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["method"].values() if v.is_floating_point())

@@ -35,9 +35,7 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _root_when_needed(self) -> DataConfig:
         if self.source != "digits" and not self.root:
-            raise ValueError(
-                f"data.root is required for data.source={self.source!r}: set it to the dataset folder"
-            )
+            raise ValueError(f"data.root is required for data.source={self.source!r}: set it to the dataset folder")
         return self
 
 
@@ -147,9 +145,7 @@ class Params(_Section):
     def _batch_fits_method(self) -> Params:
         workers, batch = self.scaling.num_workers, self.train.batch_size
         if batch % workers:
-            raise ValueError(
-                f"train.batch_size={batch} must divide evenly across scaling.num_workers={workers}"
-            )
+            raise ValueError(f"train.batch_size={batch} must divide evenly across scaling.num_workers={workers}")
         needed = METHOD_MIN_BATCH[self.method.name]
         if batch // workers < needed:
             raise ValueError(

@@ -130,7 +130,9 @@ def register_encoder(
     }
     for key, value in tags.items():
         client.set_model_version_tag(config.model_name, version, key, value)
-    return Registration(config.model_name, version, alias, score, champion_score, f"models:/{config.model_name}/{version}")
+    return Registration(
+        config.model_name, version, alias, score, champion_score, f"models:/{config.model_name}/{version}"
+    )
 
 
 def _champion_score(client: MlflowClient, config: MlflowConfig) -> float | None:

@@ -109,7 +109,9 @@ def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
         train_files, classes = _list_class_files(root / "train")
         test_files, test_classes = _list_class_files(root / "test", classes)
         if test_classes != classes:
-            raise DatasetError(f"{root}/test has classes {test_classes} but {root}/train has {classes}: make them match")
+            raise DatasetError(
+                f"{root}/test has classes {test_classes} but {root}/train has {classes}: make them match"
+            )
         return {
             "train": _decode_files(train_files, config.image_size),
             "test": _decode_files(test_files, config.image_size),

@@ -88,9 +88,7 @@ def _resized_crop_and_flip(x: torch.Tensor, config: ViewConfig, uniform, coin) -
 def _jitter_matrix(brightness: torch.Tensor, saturation: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     """Per-image 3x3 colour matrices: hue rotation in YIQ space, then saturation, then brightness."""
     device = brightness.device
-    rgb_to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device
-    )
+    rgb_to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device)
     yiq_to_rgb = torch.linalg.inv(rgb_to_yiq)
     angle = hue * 2 * math.pi
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -116,5 +114,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one row per (image, channel)
     flat = x.reshape(1, n * c, h, w)
     flat = F.conv2d(F.pad(flat, (size // 2,) * 2, mode="reflect"), kernel.view(n * c, 1, 1, size), groups=n * c)
-    flat = F.conv2d(F.pad(flat, (0, 0) + (size // 2,) * 2, mode="reflect"), kernel.view(n * c, 1, size, 1), groups=n * c)
+    flat = F.conv2d(
+        F.pad(flat, (0, 0) + (size // 2,) * 2, mode="reflect"), kernel.view(n * c, 1, size, 1), groups=n * c
+    )
     return flat.view(n, c, h, w)

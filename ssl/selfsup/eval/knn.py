@@ -15,7 +15,11 @@ from selfsup.config import KnnConfig
 
 @torch.no_grad()
 def knn_predict(
-    train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, config: KnnConfig, chunk: int = 1024
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    config: KnnConfig,
+    chunk: int = 1024,
 ) -> np.ndarray:
     train = F.normalize(torch.from_numpy(train_features).float(), dim=1)
     labels = torch.from_numpy(train_labels).long()
@@ -31,7 +35,11 @@ def knn_predict(
 
 
 def knn_accuracy(
-    train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray, config: KnnConfig
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    config: KnnConfig,
 ) -> float:
     """Top-1 accuracy (a fraction) of the weighted kNN classifier."""
     return float((knn_predict(train_features, train_labels, test_features, config) == test_labels).mean())

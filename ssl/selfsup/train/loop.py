@@ -96,13 +96,14 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
     method = build_model(spec).to(device)
     optimizer = build_optimizer(method, train)
     state = session.latest_checkpoint()
-    start_epoch, history = 0, []
+    start_epoch, history = 0, []  # epochs done and their metrics, restored on resume
     if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
         if session.rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}/{train.epochs}", flush=True)
+    saved_epoch = start_epoch  # the latest epoch a checkpoint holds
     model = DistributedDataParallel(method) if session.world_size > 1 else method
     step = TrainStep(model, optimizer, spec.views, NUM_VIEWS[spec.method.name], train, device)
 
@@ -127,9 +128,9 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
         loss = loss_sum.item() / steps_per_epoch  # one device sync per epoch, not per step
         seconds = time.perf_counter() - started
         if not math.isfinite(loss):
-            last = history[-1]["epoch"] if history else 0
+            kept = f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else "no checkpoint was written yet"
             raise NonFiniteLossError(
-                f"the loss became {loss} in epoch {epoch + 1}; checkpoints up to epoch {last} are kept. "
+                f"the loss became {loss} in epoch {epoch + 1}; {kept}. "
                 f"Lower train.lr (now {train.lr}) or raise method.temperature (now {spec.method.temperature})"
             )
         metrics = {
@@ -159,4 +160,5 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
                     "history": history,
                 }
             session.report(metrics, state)
+            saved_epoch = epoch + 1
     return state if state is not None else session.latest_checkpoint()

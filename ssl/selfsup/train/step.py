@@ -34,18 +34,19 @@ class TrainStep:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if cuda and train.precision == "bf16" else contextlib.nullcontext()
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cuda and train.precision == "bf16"
+            else contextlib.nullcontext()
         )
         self.forward = torch.compile(model) if train.compile else model
 
-    def make_views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        views = [make_view(images, self.views, generator) for _ in range(self.num_views)]
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.update([make_view(images, self.views, generator) for _ in range(self.num_views)])
+
+    def update(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Forward, backward and optimiser step on views made elsewhere (benchmarks feed it directly)."""
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        return views
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        views = self.make_views(images, generator)
         with self.autocast:
             loss = self.forward(views)
         self.optimizer.zero_grad(set_to_none=True)
