@@ -18,6 +18,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from every rank along dim 0, keeping gradients (negatives from all workers)."""
     if world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    return torch.cat(all_gather(x), dim=0)
+    # Backward is a reduce-scatter (sum): each rank's embeddings get the gradient of every rank's loss.
+    return all_gather_single_autograd(x, gather_dim=0, group=dist.group.WORLD)
