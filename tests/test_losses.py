@@ -46,7 +46,10 @@ def test_nt_xent_matches_naive_formula(n: int, d: int, temperature: float) -> No
 
 def test_nt_xent_float64_is_exact() -> None:
     generator = torch.Generator().manual_seed(3)
-    z1, z2 = torch.randn(5, 6, generator=generator, dtype=torch.float64), torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    z1, z2 = (
+        torch.randn(5, 6, generator=generator, dtype=torch.float64),
+        torch.randn(5, 6, generator=generator, dtype=torch.float64),
+    )
     assert nt_xent_loss(z1, z2, 0.3).item() == pytest.approx(naive_nt_xent(z1, z2, 0.3), rel=1e-10)
 
 

@@ -80,7 +80,10 @@ def test_digits_split_is_stratified(digits16: tuple[Path, Manifest]) -> None:
     out, _ = digits16
     train, test = load_split(out, "train"), load_split(out, "test")
     for label in range(10):
-        in_test, total = int((test.labels == label).sum()), int((train.labels == label).sum() + (test.labels == label).sum())
+        in_test, total = (
+            int((test.labels == label).sum()),
+            int((train.labels == label).sum() + (test.labels == label).sum()),
+        )
         assert in_test == max(1, round(total * 0.2))
 
 
@@ -217,11 +220,6 @@ def test_corrupt_image_names_the_file(tmp_path: Path, name: str, content: bytes 
     assert not (tmp_path / "out" / MANIFEST).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: sources._decode_files catches (RuntimeError, OSError) but torch.frombuffer raises ValueError "
-    "on a 0-byte file, so an empty image file escapes as a raw ValueError with a traceback",
-)
 def test_empty_image_file_is_a_dataset_error(tmp_path: Path) -> None:
     root = tmp_path / "images"
     write_class_images(root, per_class=3)
@@ -272,3 +270,26 @@ def test_cifar10_imagefolder(tmp_path: Path) -> None:
     assert np.bincount(train.labels).tolist() == [5000] * 10
     assert np.bincount(load_split(tmp_path, "test").labels).tolist() == [1000] * 10
     check_manifest(tmp_path, manifest)
+
+
+@pytest.mark.parametrize("fmt", ["bmp", "tiff", "gif"])
+def test_formats_torchvision_cannot_decode_go_through_pil(tmp_path: Path, fmt: str) -> None:
+    root = tmp_path / "images"
+    write_class_images(root, per_class=2, fmt=fmt)
+    out = tmp_path / "prepared"
+    manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(root), test_fraction=0.5), out)
+    split = load_split(out, "train")
+    assert split.images.shape == (3, 12, 12, 3)
+    for image, label in zip(split.images, split.labels):
+        assert tuple(image[0, 0]) == COLOURS[manifest.class_names[label]]  # all three formats are lossless here
+
+
+def test_animated_gif_keeps_its_first_frame(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    write_class_images(root, per_class=2)
+    frames = [Image.new("RGB", (12, 12), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(root / "apple" / "animated.gif", save_all=True, append_images=frames[1:])
+    out = tmp_path / "prepared"
+    prepare_dataset(DataConfig(source="imagefolder", root=str(root), test_fraction=0.5), out)
+    images = np.concatenate([load_split(out, s).images for s in ("train", "test")])
+    assert len(images) == 7 and {tuple(i[0, 0]) for i in images} >= {(255, 0, 0)}

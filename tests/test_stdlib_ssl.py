@@ -29,10 +29,7 @@ def test_repo_ssl_folder_is_not_a_package() -> None:
 
 def test_stdlib_ssl_wins_from_the_repo_root() -> None:
     result = run_python(
-        "import ssl, urllib.request\n"
-        "print(ssl.__file__)\n"
-        "print(ssl.OPENSSL_VERSION)\n"
-        "ssl.create_default_context()\n"
+        "import ssl, urllib.request\nprint(ssl.__file__)\nprint(ssl.OPENSSL_VERSION)\nssl.create_default_context()\n"
     )
     assert result.returncode == 0, result.stderr
     ssl_file, openssl = result.stdout.splitlines()[:2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from selfsup.data.arrays import Manifest, Split, write_dataset
 from selfsup.errors import DatasetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TORCHVISION_DECODES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}  # the rest go through PIL
 
 
 def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
@@ -136,17 +138,29 @@ def _list_class_files(folder: Path, classes: list[str] | None = None) -> tuple[l
     return files, found
 
 
-def _decode_files(files: list[tuple[Path, int]], image_size: int | None) -> Split:
+def _decode_image(path: Path) -> torch.Tensor:
+    """One image file -> uint8 3 x H x W (the first frame of an animation)."""
     from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        data = path.read_bytes()
+        if path.suffix.lower() in TORCHVISION_DECODES:  # libjpeg-turbo and friends: ~15x faster than PIL
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return image[0] if image.ndim == 4 else image
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as pil:
+            return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise DatasetError(f"cannot decode {path} ({error}): remove or replace the file") from None
+
+
+def _decode_files(files: list[tuple[Path, int]], image_size: int | None) -> Split:
     from torchvision.transforms.v2.functional import center_crop, resize
 
     images, first_shape = [], None
     for path, _ in files:
-        try:
-            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-            image = decode_image(data, mode=ImageReadMode.RGB)  # C x H x W; libjpeg-turbo, ~15x PIL
-        except (RuntimeError, OSError) as error:
-            raise DatasetError(f"cannot decode {path} ({error}): remove or replace the file") from None
+        image = _decode_image(path)
         if image_size:
             image = center_crop(resize(image, image_size, antialias=True), [image_size, image_size])
         elif first_shape is None:

@@ -70,7 +70,8 @@ def _resized_crop_and_flip(x: torch.Tensor, config: ViewConfig, uniform, coin) -
     n = x.shape[0]
     area = uniform(*config.crop_scale)
     log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
-    ratio = torch.exp(log_ratio)
+    # Bounding the ratio by the area keeps both sides within the image without shrinking the area.
+    ratio = torch.exp(log_ratio).clamp(min=area, max=1 / area)
     width = torch.sqrt(area * ratio).clamp(max=1.0)  # fractions of the image side
     height = torch.sqrt(area / ratio).clamp(max=1.0)
     center_x = uniform(-1, 1) * (1 - width)  # in grid coordinates [-1, 1]: the crop stays inside
@@ -113,8 +114,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     kernel = torch.exp(-(offsets**2) / (2 * sigma.view(n, 1) ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one row per (image, channel)
     flat = x.reshape(1, n * c, h, w)
-    flat = F.conv2d(F.pad(flat, (size // 2,) * 2, mode="reflect"), kernel.view(n * c, 1, 1, size), groups=n * c)
-    flat = F.conv2d(
-        F.pad(flat, (0, 0) + (size // 2,) * 2, mode="reflect"), kernel.view(n * c, 1, size, 1), groups=n * c
-    )
+    pad = size // 2
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, size), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(n * c, 1, size, 1), groups=n * c)
     return flat.view(n, c, h, w)
