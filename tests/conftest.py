@@ -21,10 +21,12 @@ TINY_PARAMS = {
 }
 
 
-def stage_env(tmp: Path) -> dict[str, str]:
-    """The environment stage commands run in: this venv first on PATH, private DVC/Ray state."""
+def stage_env(tmp: Path, repo: Path) -> dict[str, str]:
+    """The environment stage commands run in: this venv first on PATH, the copy's own library first on
+    PYTHONPATH (not the editable install's), private DVC state."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(repo / "ssl")
     env["DVC_SITE_CACHE_DIR"] = str(tmp / "dvc-site-cache")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -83,4 +85,4 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     tmp = tmp_path_factory.mktemp("pipeline")
     repo = copy_repo(tmp / "repo")
     update_params(repo, TINY_PARAMS)
-    return repo, stage_env(tmp)
+    return repo, stage_env(tmp, repo)

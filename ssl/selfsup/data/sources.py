@@ -118,9 +118,19 @@ def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
             "train": _decode_files(train_files, config.image_size),
             "test": _decode_files(test_files, config.image_size),
         }, classes
-    files, classes = _list_class_files(root)
-    split = _decode_files(files, config.image_size)
+    split, classes = read_image_folder(root, config.image_size)
     return _split_by_fraction(split.images, split.labels, config), classes
+
+
+def read_image_folder(folder: Path, image_size: int | None = None, limit: int | None = None) -> tuple[Split, list[str]]:
+    """Decode `folder/<class>/*` into uint8 RGB images and labels, with the sorted class names.
+
+    `limit` keeps an evenly spaced subset, so that every class keeps its share.
+    """
+    files, classes = _list_class_files(Path(folder))
+    if limit and limit < len(files):
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).astype(int)]
+    return _decode_files(files, image_size), classes
 
 
 def _list_class_files(folder: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:

@@ -31,6 +31,8 @@ class TrainStep:
         self.views, self.num_views = views, num_views
         cuda = device.type == "cuda"
         self.channels_last = cuda  # faster convolutions on tensor cores; no gain on CPU
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN pick the fastest kernels
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.autocast = (

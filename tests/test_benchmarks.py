@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end in their tiny configurations and report what they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, timeout: int) -> str:
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{name}", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_throughput_reports_all_three_figures(tmp_path):
+    report = tmp_path / "throughput.json"
+    tiny = "--batch-size 16 --steps 2 --warmup 1 --width 0.125 --workers 1 --threads 1 --max-images 256 --no-compile"
+    output = run_script("throughput.py", *tiny.split(), "--device", "cpu", "--json", str(report), timeout=300)
+    for label in ("(a) model alone", "(b) ours", "(c) torchvision", "(b)/(a)", "(b)/(c)", "eager fp32"):
+        assert label in output
+    figures = json.loads(report.read_text())["variants"]["eager fp32"]
+    for key in ("model_alone", "ours", "torchvision", "ours_over_model_alone", "ours_over_torchvision"):
+        assert isinstance(figures[key], float) and figures[key] > 0, (key, figures)
+
+
+@pytest.mark.slow
+def test_ray_overhead_reports_a_ratio(tmp_path):
+    report = tmp_path / "ray_overhead.json"
+    tiny = "--steps 3 --warmup 1 --batch-size 32"
+    output = run_script("ray_overhead.py", *tiny.split(), "--json", str(report), timeout=600)
+    assert "ratio ray / bare" in output
+    result = json.loads(report.read_text())
+    assert isinstance(result["ratio_ray_over_bare"], float) and result["ratio_ray_over_bare"] > 0
+    assert result["fit_startup_s"] > 0
