@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, help="a prepared folder (manifest.json + train.npz), e.g. data/prepared")
     source.add_argument("--imagefolder", type=Path, help=f"a folder of <class>/*.jpg (default: {DEFAULT_IMAGEFOLDER})")
+    source.add_argument("--packed", type=Path, help="JPEGs packed by benchmarks/pack_jpegs.py (to carry to a GPU)")
     parser.add_argument("--max-images", type=int, help="load at most this many (50k JPEGs decode in ~30 s)")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per figure")
@@ -75,6 +76,10 @@ def load_images(args: argparse.Namespace) -> tuple[np.ndarray, str]:
     """uint8 N x H x W x 3 training images, and where they came from."""
     if args.data:
         images, origin = load_split(args.data, "train", with_labels=False), str(args.data)
+    elif args.packed:
+        from pack_jpegs import unpack_images  # beside this script
+
+        images, origin = unpack_images(args.packed), str(args.packed)
     elif args.imagefolder or DEFAULT_IMAGEFOLDER.is_dir():
         folder = args.imagefolder or DEFAULT_IMAGEFOLDER
         images, origin = read_image_folder(folder, limit=args.max_images)[0].images, str(folder)
