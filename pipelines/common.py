@@ -43,3 +43,19 @@ def run_stage(main: Callable[[], None]) -> None:
     except (SelfsupError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def write_scores_against_baseline(name: str, label: str, score: Callable[..., float]) -> None:
+    """Score the pretrained encoder's features and the random-init baseline's the same way, and write
+    metrics/<name>.json with `top1` and `baseline_top1`. `score(train_x, train_y, test_x, test_y)`."""
+    from selfsup.eval.features import load_features
+
+    f = load_features(FEATURES)
+    top1 = {
+        encoder: score(f[f"{encoder}_train"], f["train_labels"], f[f"{encoder}_test"], f["test_labels"])
+        for encoder in ("pretrained", "baseline")
+    }
+    write_json(
+        METRICS / f"{name}.json", {"top1": round(top1["pretrained"], 4), "baseline_top1": round(top1["baseline"], 4)}
+    )
+    print(f"{label}: {top1['pretrained']:.2%} pretrained vs {top1['baseline']:.2%} random init")

@@ -1,29 +1,16 @@
 """Stage `eval_linear`: linear-probe top-1 of the pretrained encoder and of its random-init baseline."""
 
-from pipelines.common import FEATURES, METRICS, read_params, run_stage, write_json
-from selfsup.eval.features import load_features
+from pipelines.common import read_params, run_stage, write_scores_against_baseline
 from selfsup.eval.linear import linear_probe_accuracy
 
 
 def main() -> None:
     params = read_params()
-    f = load_features(FEATURES)
-    scores = {
-        name: linear_probe_accuracy(
-            f[f"{name}_train"],
-            f["train_labels"],
-            f[f"{name}_test"],
-            f["test_labels"],
-            params.eval.linear,
-            params.train.seed,
-        )
-        for name in ("pretrained", "baseline")
-    }
-    write_json(
-        METRICS / "eval_linear.json",
-        {"top1": round(scores["pretrained"], 4), "baseline_top1": round(scores["baseline"], 4)},
+    write_scores_against_baseline(
+        "eval_linear",
+        "linear probe top-1",
+        lambda *f: linear_probe_accuracy(*f, params.eval.linear, params.train.seed),
     )
-    print(f"linear probe top-1: {scores['pretrained']:.2%} pretrained vs {scores['baseline']:.2%} random init")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ BACKBONES = ("small_cnn", "resnet18")
 SOURCES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
 
 
+def _one_of(value: str, allowed, what: str) -> str:
+    """Registries are open-ended (a new method is a new file), so names are checked here, not by Literal."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what}; allowed: {', '.join(allowed)}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,9 +53,7 @@ class ModelConfig(_Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone; allowed: {', '.join(BACKBONES)}")
-        return value
+        return _one_of(value, BACKBONES, "backbone")
 
 
 class MethodConfig(_Section):
@@ -60,9 +65,7 @@ class MethodConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHOD_MIN_BATCH:
-            raise ValueError(f"unknown method; allowed: {', '.join(METHOD_MIN_BATCH)}")
-        return value
+        return _one_of(value, METHOD_MIN_BATCH, "method")
 
 
 class ViewConfig(_Section):
