@@ -1,8 +1,8 @@
 """Stage `pretrain`: Ray Train pretraining -> models/encoder.pt, metrics/pretrain.json, plots/pretrain.csv.
 
 Checkpoints live in checkpoints/<run name>, a folder DVC keeps between runs (persist), and the run
-name is a hash of everything that shapes the result: an interrupted `dvc repro` resumes where it
-stopped, while changed params start afresh.
+name is a hash of everything that shapes the result (params, data, library code): an interrupted
+`dvc repro` resumes where it stopped, while a change of params or code starts afresh.
 """
 
 import csv
@@ -11,7 +11,17 @@ import json
 import shutil
 import time
 
-from pipelines.common import CHECKPOINTS, ENCODER, METRICS, PLOTS, PREPARED, read_params, run_stage, write_json
+from pipelines.common import (
+    CHECKPOINTS,
+    ENCODER,
+    METRICS,
+    PLOTS,
+    PREPARED,
+    ROOT,
+    read_params,
+    run_stage,
+    write_json,
+)
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.errors import ConfigError
 from selfsup.models import save_encoder
@@ -28,7 +38,7 @@ def main() -> None:
             f"images of {manifest.source}; allowed: at most {train_count}"
         )
     spec = PretrainSpec(params.model, params.method, params.views, params.train, manifest.mean, manifest.std)
-    identity = json.dumps([spec.__repr__(), params.scaling.__repr__(), manifest.sha256])
+    identity = json.dumps([repr(spec), repr(params.scaling), manifest.sha256, _library_sha256()])
     run_name = f"{params.method.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     _remove_stale_runs(keep=run_name)
 
@@ -70,6 +80,14 @@ Ray Train checkpoints of the pretrain stage, one folder per configuration (a has
 DVC keeps this folder between runs (persist: true) so that an interrupted `dvc repro` resumes from
 the latest checkpoint; a finished run removes its own folder.
 """
+
+
+def _library_sha256() -> str:
+    """Changed code must not resume a checkpoint that older code trained."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "ssl" / "selfsup").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _remove_stale_runs(keep: str) -> None:

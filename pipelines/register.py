@@ -11,9 +11,8 @@ from selfsup.models import load_encoder
 
 def main() -> None:
     params = read_params()
-    from selfsup.tracking import register_encoder, use_experiment
+    from selfsup.tracking import register_encoder
 
-    use_experiment(params.mlflow, ROOT)  # an unreachable server fails here, before any work
     knn = json.loads((METRICS / "eval_knn.json").read_text())
     linear = json.loads((METRICS / "eval_linear.json").read_text())
     manifest = Manifest.read(PREPARED)
@@ -35,7 +34,7 @@ def main() -> None:
     )
     write_json(ROOT / "models" / "registration.json", asdict(registration))
     previous = registration.previous_champion_score
-    versus = f" (champion had {previous:.2%})" if previous is not None else " (first champion)"
+    versus = f" (champion had {previous:.2%})" if previous is not None else " (no comparable champion before it)"
     print(
         f"registered {registration.name} version {registration.version} as @{registration.alias}: "
         f"{params.mlflow.champion_metric} {registration.score:.2%}{versus}"

@@ -90,6 +90,13 @@ def test_batch_not_divisible_by_workers() -> None:
     assert "scaling.num_workers=3" in message
 
 
+def test_warmup_must_end_before_training() -> None:
+    raw = with_change("train.warmup_epochs", 5)
+    raw["train"]["epochs"] = 5
+    message = config_error(raw)
+    assert "train.warmup_epochs=5 must be below train.epochs=5" in message and "\n" not in message
+
+
 @pytest.mark.parametrize(
     "key, named",
     [

@@ -44,6 +44,19 @@ def test_champion_moves_only_when_beaten(tmp_path, encoder_file, monkeypatch):
         aliases.append((registration.version, registration.alias, registration.previous_champion_score))
     assert aliases == [("1", "champion", None), ("2", "challenger", 0.5), ("3", "champion", 0.5)]
 
+    # Scores on other data are not comparable: a worse number there still starts a new line of champions.
+    other_data = register_encoder(
+        path,
+        config,
+        tmp_path,
+        params={"train": {"lr": 0.1}},
+        metrics={"knn_top1": 0.1, "linear_top1": 0.1},
+        lineage={"git_commit": "abc", "dataset_sha256": "1" * 64},
+        example=example,
+        feature_dim=dim,
+    )
+    assert (other_data.version, other_data.alias, other_data.previous_champion_score) == ("4", "champion", None)
+
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()  # all inside root
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("test-encoder", "challenger").version) == "2"
@@ -65,3 +78,20 @@ def test_tracking_uri_env_overrides_params(tmp_path, monkeypatch):
     assert resolve_tracking_uri(config, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_tracking_uri(config, tmp_path) == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    "address, reason",
+    [("127.0.0.1:abc", "not a host:port address"), ("127.0.0.1:1", "refused"), (":6379", "no host")],
+)
+def test_unreachable_or_malformed_addresses_are_named(address, reason):
+    from selfsup.errors import RayClusterError
+    from selfsup.reachability import unreachable
+    from selfsup.train.ray_trainer import connect_ray
+
+    assert reason in unreachable(address, default_port=6379)
+    assert unreachable("127.0.0.1:1", default_port=6379) is not None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(RayClusterError, match=f"RAY_ADDRESS={address} is unreachable"):
+            connect_ray()

@@ -67,7 +67,7 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(digits, tmp_path
 def test_nan_loss_stops_with_the_fix_and_keeps_the_last_checkpoint(digits, tmp_path):
     images, manifest = digits
     folder = tmp_path / "run"
-    train_loop(images, make_spec(manifest, epochs=1), LocalSession(folder))  # a healthy first epoch
+    train_loop(images, make_spec(manifest, epochs=1, warmup_epochs=0), LocalSession(folder))  # a healthy epoch
     with pytest.raises(NonFiniteLossError, match=r"epoch 2; the checkpoint of epoch 1 is kept.*Lower train.lr"):
         train_loop(images, make_spec(manifest, epochs=3, lr=1e12), LocalSession(folder))
     kept = LocalSession(folder).latest_checkpoint()

@@ -17,7 +17,6 @@ from selfsup.errors import ConfigError
 # checks at import that it implements exactly these (kept here so config stays free of torch).
 METHOD_MIN_BATCH = {"simclr": 2}
 BACKBONES = ("small_cnn", "resnet18")
-SOURCES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
 
 
 def _one_of(value: str, allowed, what: str) -> str:
@@ -143,6 +142,15 @@ class Params(_Section):
     scaling: ScalingConfig = ScalingConfig()
     eval: EvalConfig = EvalConfig()
     mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _warmup_ends_before_training(self) -> Params:
+        if self.train.warmup_epochs >= self.train.epochs:
+            raise ValueError(
+                f"train.warmup_epochs={self.train.warmup_epochs} must be below train.epochs={self.train.epochs}: "
+                "the learning rate would never reach train.lr nor decay"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_method(self) -> Params:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 # Quiet and offline by default; a user's own settings win.
 for _key, _value in {
@@ -24,6 +23,7 @@ from mlflow.types import Schema, TensorSpec  # noqa: E402
 
 from selfsup.config import MlflowConfig  # noqa: E402
 from selfsup.errors import TrackingError  # noqa: E402
+from selfsup.reachability import unreachable  # noqa: E402
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -48,20 +48,26 @@ def resolve_tracking_uri(config: MlflowConfig, root: str | Path) -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """MLflow retries an unreachable server for minutes; a TCP probe says so in seconds."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
+    if not uri.startswith(("http://", "https://")):
         return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=5).close()
-    except OSError as error:
+    problem = unreachable(uri, default_port=443 if uri.startswith("https") else 80)
+    if problem:
         raise TrackingError(
-            f"the MLflow server at {uri} is unreachable ({error}): start it (`mlflow server --host "
+            f"the MLflow server at {uri} is unreachable ({problem}): start it (`mlflow server --host "
             "127.0.0.1`), fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store"
         ) from None
 
 
+@contextmanager
+def _mlflow_errors():
+    """MLflow's own refusals (a bad URI or name, a store it cannot write) as one clear line."""
+    try:
+        yield
+    except MlflowException as error:
+        raise TrackingError(f"MLflow refused: {error.message}") from None
+
+
+@_mlflow_errors()
 def use_experiment(config: MlflowConfig, root: str | Path) -> str:
     """Point MLflow at the store and experiment; returns the experiment id.
 
@@ -72,12 +78,18 @@ def use_experiment(config: MlflowConfig, root: str | Path) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment {config.experiment!r} is deleted: restore it (`mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}`) or set mlflow.experiment to another name"
+        )
     if experiment is not None:
         return experiment.experiment_id
     location = (Path(root) / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
     return mlflow.create_experiment(config.experiment, artifact_location=location)
 
 
+@_mlflow_errors()
 def register_encoder(
     encoder_path: str | Path,
     config: MlflowConfig,
@@ -119,7 +131,8 @@ def register_encoder(
     client = MlflowClient()
     version = str(info.registered_model_version)
     score = metrics[config.champion_metric]
-    champion_score = _champion_score(client, config)
+    comparable = {"dataset_sha256": lineage["dataset_sha256"], **_evaluation_params(params)}
+    champion_score = _champion_score(client, config, comparable)
     alias = CHAMPION if champion_score is None or score > champion_score else CHALLENGER
     client.set_registered_model_alias(config.model_name, alias, version)
     tags = {
@@ -135,11 +148,23 @@ def register_encoder(
     )
 
 
-def _champion_score(client: MlflowClient, config: MlflowConfig) -> float | None:
-    try:
-        champion = client.get_model_version_by_alias(config.model_name, CHAMPION)
-    except MlflowException:
-        return None  # no champion yet
+def _evaluation_params(params: dict) -> dict[str, str]:
+    """The params that decide what a score means: the data and how it is evaluated, as version tags."""
+    return {f"params.{k}": v for k, v in _flatten(params).items() if k.startswith(("data.", "eval."))}
+
+
+def _champion_score(client: MlflowClient, config: MlflowConfig, comparable: dict[str, str]) -> float | None:
+    """The champion's score, or None when there is none or its score means something else.
+
+    A champion evaluated on other data, or by another protocol, cannot be beaten or kept on a number
+    that is not comparable: the new version starts a new line of champions.
+    """
+    aliases = client.get_registered_model(config.model_name).aliases  # the model exists: we just registered
+    if CHAMPION not in aliases:
+        return None
+    champion = client.get_model_version(config.model_name, aliases[CHAMPION])
+    if any(champion.tags.get(key) != value for key, value in comparable.items()):
+        return None
     return client.get_run(champion.run_id).data.metrics.get(config.champion_metric)
 
 

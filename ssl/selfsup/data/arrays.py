@@ -46,7 +46,10 @@ class Manifest:
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise DatasetError(f"no prepared dataset at {path}: run `dvc repro prepare` first")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:  # not JSON, or written by another version
+            raise DatasetError(f"{path} is unreadable ({error}): re-run `dvc repro -f prepare`") from None
 
     def split_path(self, folder: str | Path, split: str) -> Path:
         if split not in self.splits:
@@ -59,14 +62,8 @@ def write_dataset(folder: str | Path, source: str, splits: dict[str, Split], cla
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train = splits["train"].images
-    pixels = train.reshape(-1, 3).astype(np.float64) / 255.0
-    manifest = Manifest(
-        source=source,
-        image_size=list(train.shape[1:3]),
-        class_names=class_names,
-        mean=pixels.mean(0).round(6).tolist(),
-        std=pixels.std(0).round(6).tolist(),
-    )
+    mean, std = _channel_mean_std(train)
+    manifest = Manifest(source=source, image_size=list(train.shape[1:3]), class_names=class_names, mean=mean, std=std)
     for name, split in splits.items():
         path = folder / f"{name}.npz"
         _atomic_write(path, lambda f, s=split: np.savez(f, images=s.images, labels=s.labels))
@@ -89,6 +86,19 @@ def load_split(folder: str | Path, split: str, with_labels: bool = True) -> Spli
     except (OSError, ValueError, KeyError) as error:
         raise DatasetError(f"cannot read {path} ({error}): re-run `dvc repro -f prepare`") from None
     return Split(images, labels) if with_labels else images
+
+
+def _channel_mean_std(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1], in chunks: a float copy of a whole large dataset won't fit."""
+    total, squares = np.zeros(3), np.zeros(3)
+    for start in range(0, len(images), chunk):
+        pixels = images[start : start + chunk].reshape(-1, 3).astype(np.float64) / 255.0
+        total += pixels.sum(0)
+        squares += (pixels**2).sum(0)
+    count = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0))
+    return mean.round(6).tolist(), std.round(6).tolist()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -93,7 +93,7 @@ def _read_torchvision(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
             else:
                 images, labels = dataset.data, dataset.targets
             splits[name] = Split(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64))
-    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+    except (RuntimeError, OSError) as error:  # "Dataset not found or corrupted"; a failed download
         hint = "set data.download: true (needs internet)" if not config.download else "check the download"
         raise DatasetError(
             f"{config.source} not found or corrupt under data.root={root} ({error}); {hint}, or point "
@@ -109,7 +109,7 @@ def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
         raise DatasetError(f"data.root={root} is not a folder: point it at a folder of class subfolders")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train_files, classes = _list_class_files(root / "train")
-        test_files, test_classes = _list_class_files(root / "test", classes)
+        test_files, test_classes = _list_class_files(root / "test")
         if test_classes != classes:
             raise DatasetError(
                 f"{root}/test has classes {test_classes} but {root}/train has {classes}: make them match"
@@ -133,19 +133,18 @@ def read_image_folder(folder: Path, image_size: int | None = None, limit: int | 
     return _decode_files(files, image_size), classes
 
 
-def _list_class_files(folder: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not found:
+def _list_class_files(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Image files with their class index, and the sorted class names (= torchvision ImageFolder's)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
         raise DatasetError(f"no class subfolders in {folder}: expected {folder}/<class name>/<image files>")
-    classes = classes or found
-    index = {name: i for i, name in enumerate(classes)}
     files = []
-    for name in found:
+    for index, name in enumerate(classes):
         images = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise DatasetError(f"class folder {folder / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        files += [(p, index.get(name, -1)) for p in images]
-    return files, found
+        files += [(p, index) for p in images]
+    return files, classes
 
 
 def _decode_image(path: Path) -> torch.Tensor:

@@ -9,6 +9,7 @@ a shared per-epoch permutation, and makes the views on the device.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,10 @@ class LocalSession:
     def report(self, metrics: dict, checkpoint: dict | None) -> None:
         self.reports.append(metrics)
         if checkpoint is not None and self.checkpoint_dir is not None:
-            Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, Path(self.checkpoint_dir) / CHECKPOINT_FILE)
+            path = Path(self.checkpoint_dir) / CHECKPOINT_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, path.with_suffix(".partial"))
+            os.replace(path.with_suffix(".partial"), path)  # a kill mid-write keeps the previous one
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -98,13 +101,25 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
     state = session.latest_checkpoint()
     start_epoch, history = 0, []  # epochs done and their metrics, restored on resume
     if state is not None:
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
+        try:
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, history = state["epoch"], state["history"]
+        except (KeyError, RuntimeError, ValueError) as error:  # another architecture or format
+            raise CheckpointError(
+                f"the checkpoint does not fit this model ({str(error).splitlines()[0]}); delete checkpoints/ "
+                "to start over"
+            ) from None
         if session.rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}/{train.epochs}", flush=True)
     saved_epoch = start_epoch  # the latest epoch a checkpoint holds
-    model = DistributedDataParallel(method) if session.world_size > 1 else method
+    if device.type == "cuda":
+        method.to(memory_format=torch.channels_last)  # before DDP builds its gradient buckets
+    model = method
+    if session.world_size > 1:
+        if device.type == "cuda":  # BatchNorm over the global batch, as one worker would see it
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model)
     step = TrainStep(model, optimizer, spec.views, NUM_VIEWS[spec.method.name], train, device)
 
     data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
@@ -125,6 +140,9 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
             lr = warmup_cosine(epoch * steps_per_epoch + i, total_steps, warmup_steps, train.lr)
             set_lr(optimizer, lr)
             loss_sum += step(data[shard[i * local_batch : (i + 1) * local_batch]], generator)
+        if session.world_size > 1:  # every rank sees the global mean, so all stop together on a NaN
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= session.world_size
         loss = loss_sum.item() / steps_per_epoch  # one device sync per epoch, not per step
         seconds = time.perf_counter() - started
         if not math.isfinite(loss):

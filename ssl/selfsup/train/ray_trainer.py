@@ -8,7 +8,6 @@ path + name) resumes from the latest one, so the caller derives the name from th
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from selfsup.config import ScalingConfig  # noqa: E402
 from selfsup.errors import ConfigError, RayClusterError, SelfsupError  # noqa: E402
+from selfsup.reachability import unreachable  # noqa: E402
 from selfsup.train.loop import CHECKPOINT_FILE, PretrainSpec, load_checkpoint, train_loop  # noqa: E402
 
 
@@ -49,16 +49,12 @@ def connect_ray() -> None:
 
 
 def _check_reachable(address: str) -> None:
-    """ray.init retries an unreachable address for minutes; a TCP probe says so in seconds."""
     if address == "auto":
         return
-    host_port = address.removeprefix("ray://").rsplit(":", 1)
-    host, port = host_port[0], int(host_port[1]) if len(host_port) == 2 else (10001 if "://" in address else 6379)
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as error:
+    problem = unreachable(address, default_port=10001 if address.startswith("ray://") else 6379)
+    if problem:
         raise RayClusterError(
-            f"the Ray cluster at RAY_ADDRESS={address} is unreachable ({error}): start it "
+            f"the Ray cluster at RAY_ADDRESS={address} is unreachable ({problem}): start it "
             "(`ray start --head`), fix the address, or unset RAY_ADDRESS to run on a local instance"
         ) from None
 
@@ -69,6 +65,16 @@ def check_resources(scaling: ScalingConfig) -> None:
     needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
     if scaling.use_gpu:
         needs["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+    largest = {
+        resource: max((node["Resources"].get(resource, 0) for node in ray.nodes() if node["Alive"]), default=0)
+        for resource in needs
+    }
+    for resource, per in (("CPU", scaling.cpus_per_worker), ("GPU", scaling.gpus_per_worker)):
+        if resource in needs and per > largest[resource]:  # a worker cannot span nodes
+            raise ConfigError(
+                f"params.yaml: scaling.{resource.lower()}s_per_worker={per:g} exceeds the largest Ray node's "
+                f"{largest[resource]:g} {resource}; allowed: at most {largest[resource]:g}"
+            )
     for resource, needed in needs.items():
         have = available.get(resource, 0)
         if needed > have:
@@ -89,9 +95,12 @@ def _ray_worker(config: dict) -> None:
     from ray.train.torch import get_device
 
     # Ray logs every report at INFO through a logger named after its file, outside "ray.train".
-    from ray.train.v2._internal.execution import context as ray_context
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
 
-    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # a Ray version laid out otherwise: only noisier
+        pass
     context = ray.train.get_context()
 
     class RaySession:
