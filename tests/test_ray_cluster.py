@@ -83,3 +83,11 @@ def test_more_workers_than_the_cluster_has_fails_before_training(tiny_repo, two_
     assert result.returncode == 2
     assert "scaling.num_workers=4 needs 4 CPU (1 per worker) but the Ray cluster has 2" in result.stderr
     assert "epoch " not in result.output
+
+
+def test_a_worker_bigger_than_any_node_fails_before_training(tiny_repo, two_node_cluster):
+    repo, env = tiny_repo
+    update_params(repo, {"scaling": {"num_workers": 1, "cpus_per_worker": 2}})  # 2 CPUs in all, 1 per node
+    result = run(["python", "-m", "pipelines.pretrain"], repo, {**env, "RAY_ADDRESS": two_node_cluster}, timeout=120)
+    assert result.returncode == 2
+    assert "scaling.cpus_per_worker=2 exceeds the largest Ray node's 1 CPU" in result.stderr

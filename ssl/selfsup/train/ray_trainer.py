@@ -65,16 +65,6 @@ def check_resources(scaling: ScalingConfig) -> None:
     needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
     if scaling.use_gpu:
         needs["GPU"] = scaling.num_workers * scaling.gpus_per_worker
-    largest = {
-        resource: max((node["Resources"].get(resource, 0) for node in ray.nodes() if node["Alive"]), default=0)
-        for resource in needs
-    }
-    for resource, per in (("CPU", scaling.cpus_per_worker), ("GPU", scaling.gpus_per_worker)):
-        if resource in needs and per > largest[resource]:  # a worker cannot span nodes
-            raise ConfigError(
-                f"params.yaml: scaling.{resource.lower()}s_per_worker={per:g} exceeds the largest Ray node's "
-                f"{largest[resource]:g} {resource}; allowed: at most {largest[resource]:g}"
-            )
     for resource, needed in needs.items():
         have = available.get(resource, 0)
         if needed > have:
@@ -84,6 +74,17 @@ def check_resources(scaling: ScalingConfig) -> None:
                 f"params.yaml: scaling.num_workers={scaling.num_workers} needs {needed:g} {resource} "
                 f"({per:g} per worker) but the Ray cluster has {have:g}; allowed: at most {fitting} "
                 f"worker(s){' or scaling.use_gpu: false' if resource == 'GPU' else ''}"
+            )
+
+    largest = {
+        resource: max((node["Resources"].get(resource, 0) for node in ray.nodes() if node["Alive"]), default=0)
+        for resource in needs
+    }
+    for resource, per in (("CPU", scaling.cpus_per_worker), ("GPU", scaling.gpus_per_worker)):
+        if resource in needs and per > largest[resource]:  # a worker cannot span nodes
+            raise ConfigError(
+                f"params.yaml: scaling.{resource.lower()}s_per_worker={per:g} exceeds the largest Ray node's "
+                f"{largest[resource]:g} {resource}; allowed: at most {largest[resource]:g}"
             )
 
 
