@@ -96,6 +96,12 @@ def build_model(spec: PretrainSpec) -> nn.Module:
 def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict:
     """Pretrain on uint8 N x H x W x 3 images; returns the final checkpoint (the last one reported)."""
     train, device = spec.train, session.device
+    local_batch = train.batch_size // session.world_size
+    steps_per_epoch = len(images) // session.world_size // local_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"params.yaml: train.batch_size={train.batch_size} exceeds the {len(images)} training images; lower it"
+        )
     method = build_model(spec).to(device)
     optimizer = build_optimizer(method, train)
     state = session.latest_checkpoint()
@@ -121,14 +127,8 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model)
     step = TrainStep(model, optimizer, spec.views, NUM_VIEWS[spec.method.name], train, device)
-
     data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
-    local_batch = train.batch_size // session.world_size
-    steps_per_epoch = len(data) // session.world_size // local_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"params.yaml: train.batch_size={train.batch_size} exceeds the {len(data)} training images; lower it"
-        )
+
     total_steps, warmup_steps = train.epochs * steps_per_epoch, train.warmup_epochs * steps_per_epoch
     for epoch in range(start_epoch, train.epochs):
         method.train()
