@@ -16,6 +16,7 @@ for _key, _value in {
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -112,10 +113,9 @@ def register_encoder(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim))]),
     )
-    import torch
-
+    flat_params = _flatten(params)
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.log_params(_flatten(params))
+        mlflow.log_params(flat_params)
         mlflow.log_metrics(metrics)
         mlflow.set_tags(lineage)
         info = mlflow.pyfunc.log_model(
@@ -131,13 +131,18 @@ def register_encoder(
     client = MlflowClient()
     version = str(info.registered_model_version)
     score = metrics[config.champion_metric]
-    comparable = {"dataset_sha256": lineage["dataset_sha256"], **_evaluation_params(params)}
+    param_tags = {f"params.{k}": v for k, v in flat_params.items()}
+    # What decides what a score means: the data and how it is evaluated.
+    comparable = {
+        "dataset_sha256": lineage["dataset_sha256"],
+        **{k: v for k, v in param_tags.items() if k.startswith(("params.data.", "params.eval."))},
+    }
     champion_score = _champion_score(client, config, comparable)
     alias = CHAMPION if champion_score is None or score > champion_score else CHALLENGER
     client.set_registered_model_alias(config.model_name, alias, version)
     tags = {
         **lineage,
-        **{f"params.{k}": v for k, v in _flatten(params).items()},
+        **param_tags,
         **{f"metrics.{k}": f"{v:.6f}" for k, v in metrics.items()},
         "run_id": run.info.run_id,
     }
@@ -146,11 +151,6 @@ def register_encoder(
     return Registration(
         config.model_name, version, alias, score, champion_score, f"models:/{config.model_name}/{version}"
     )
-
-
-def _evaluation_params(params: dict) -> dict[str, str]:
-    """The params that decide what a score means: the data and how it is evaluated, as version tags."""
-    return {f"params.{k}": v for k, v in _flatten(params).items() if k.startswith(("data.", "eval."))}
 
 
 def _champion_score(client: MlflowClient, config: MlflowConfig, comparable: dict[str, str]) -> float | None:
