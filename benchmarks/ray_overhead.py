@@ -29,10 +29,8 @@ from selfsup.config import DataConfig, Params  # noqa: E402
 from selfsup.data.arrays import load_split  # noqa: E402
 from selfsup.data.sources import prepare_dataset  # noqa: E402
 from selfsup.data.views import view_generator  # noqa: E402
-from selfsup.methods import NUM_VIEWS  # noqa: E402
-from selfsup.train.loop import PretrainSpec, build_model  # noqa: E402
-from selfsup.train.optim import build_optimizer  # noqa: E402
-from selfsup.train.step import TrainStep  # noqa: E402
+from selfsup.methods import TrainingProgress  # noqa: E402
+from selfsup.train.loop import PretrainSpec, single_process_step  # noqa: E402
 
 CORES = os.cpu_count() or 1
 
@@ -54,17 +52,15 @@ def timed_steps(config: dict) -> dict:
     entered_at = time.time()  # wall clock: comparable with the driver's, unlike perf_counter
     torch.set_num_threads(config["threads"])
     spec, steps, warmup = config["spec"], config["steps"], config["warmup"]
-    model = build_model(spec)
     device = torch.device("cpu")
-    step = TrainStep(
-        model, build_optimizer(model, spec.train), spec.views, NUM_VIEWS[spec.method.name], spec.train, device
-    )
+    step = single_process_step(spec, device)
+    progress = TrainingProgress(step=0, total_steps=1000, steps_per_epoch=100)  # for the methods' hooks
     data = torch.tensor(config["images"])  # a copy, as train_loop makes (Ray hands over a read-only array)
     generator = view_generator(spec.train.seed, epoch=0, rank=0, device=device)
 
     def train_step() -> torch.Tensor:
         batch = torch.randint(len(data), (spec.train.batch_size,), generator=generator)
-        return step(data[batch], generator)
+        return step(data[batch], generator, progress)[0]
 
     for _ in range(warmup):
         train_step()
@@ -126,7 +122,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         manifest = prepare_dataset(DataConfig(source="digits", image_size=args.image_size), folder)
         images = load_split(folder, "train", with_labels=False)
-    spec = PretrainSpec(params.model, params.method, params.views, params.train, manifest.mean, manifest.std)
+    spec = PretrainSpec(
+        params.model, params.method, params.views, params.train, manifest.mean, manifest.std, args.image_size
+    )
     config = {"images": images, "spec": spec, "steps": args.steps, "warmup": args.warmup, "threads": CORES}
 
     # Bare runs before and after Ray: on a shared machine the load drifts, and their mean evens it out.

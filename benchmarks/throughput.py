@@ -1,19 +1,21 @@
-"""SimCLR training throughput: the model alone, our on-device pipeline, and the usual DataLoader way.
+"""A method's training throughput: the model alone, our on-device pipeline, and the usual DataLoader way.
 
-Three figures, in images per second (an image counts once for its two views), all with ResNet-18
-(CIFAR stem), the same batch and a fresh model and optimiser each:
+Three figures, in images per second (an image counts once for all its views), all with ResNet-18
+(CIFAR stem), the same batch and a fresh model and optimiser each; `--method` picks the method:
 
   (a) model alone:  `TrainStep.update` on random float views made once: the limit of any pipeline.
   (b) ours:         `TrainStep.__call__`, what `pretrain` runs: the uint8 dataset resident on the
                     device, random batch indices, both views made on the device.
   (c) torchvision:  PIL images through torchvision.transforms in DataLoader workers, two views per
-                    image, copied to the device and fed to the same `TrainStep.update`.
+                    image, copied to the device and fed to the same `TrainStep.update` (only for
+                    methods that take two views of the image's size).
 
 Each is measured per variant: eager fp32 and compiled fp32 on CPU; eager fp32, eager bf16 and
 compiled bf16 (with channels_last) on CUDA. Needs only torch, torchvision, numpy, pydantic, pyyaml and
 scikit-learn: no Ray, MLflow or DVC, and no installed package (it imports from ../ssl).
 
     python benchmarks/throughput.py                      # CIFAR-10 from ../shared, batch 512
+    python benchmarks/throughput.py --method byol        # any method in selfsup.methods.METHODS
     python benchmarks/throughput.py --batch-size 16 --steps 2 --warmup 1 --width 0.125 \\
         --workers 1 --threads 1 --max-images 512 --no-compile   # seconds, on a CPU
 """
@@ -44,12 +46,12 @@ from selfsup.config import DataConfig, Params  # noqa: E402
 from selfsup.data.arrays import load_split  # noqa: E402
 from selfsup.data.sources import prepare_dataset, read_image_folder  # noqa: E402
 from selfsup.data.views import view_generator  # noqa: E402
-from selfsup.methods import NUM_VIEWS  # noqa: E402
-from selfsup.train.loop import PretrainSpec, build_model  # noqa: E402
-from selfsup.train.optim import build_optimizer  # noqa: E402
+from selfsup.methods import METHODS, TrainingProgress  # noqa: E402
+from selfsup.train.loop import PretrainSpec, single_process_step  # noqa: E402
 from selfsup.train.step import TrainStep  # noqa: E402
 
 DEFAULT_IMAGEFOLDER = REPO.parent / "shared" / "datasets" / "cifar10" / "train"
+PROGRESS = TrainingProgress(step=0, total_steps=1000, steps_per_epoch=100)  # for the methods' hooks
 FIGURES = {"model_alone": "(a) model alone", "ours": "(b) ours", "torchvision": "(c) torchvision"}
 
 
@@ -60,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     source.add_argument("--imagefolder", type=Path, help=f"a folder of <class>/*.jpg (default: {DEFAULT_IMAGEFOLDER})")
     source.add_argument("--packed", type=Path, help="JPEGs packed by benchmarks/pack_jpegs.py (to carry to a GPU)")
     parser.add_argument("--max-images", type=int, help="load at most this many (50k JPEGs decode in ~30 s)")
+    parser.add_argument("--method", default="simclr", choices=list(METHODS))
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per figure")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
@@ -95,16 +98,14 @@ def make_step(images: np.ndarray, args: argparse.Namespace, precision: str, comp
     params = Params.model_validate(
         {
             "model": {"backbone": "resnet18", "width": args.width},
+            "method": {"name": args.method},
             "train": {"batch_size": args.batch_size, "precision": precision, "compile": compiled},
         }
     )
     sample = images[:: max(1, len(images) // 4096)].reshape(-1, 3) / 255.0  # a sample's statistics will do
-    spec = PretrainSpec(
-        params.model, params.method, params.views, params.train, sample.mean(0).tolist(), sample.std(0).tolist()
-    )
-    device = torch.device(args.device)
-    model = build_model(spec).to(device)
-    return TrainStep(model, build_optimizer(model, spec.train), spec.views, NUM_VIEWS["simclr"], spec.train, device)
+    mean, std = sample.mean(0).tolist(), sample.std(0).tolist()
+    spec = PretrainSpec(params.model, params.method, params.views, params.train, mean, std, images.shape[1])
+    return single_process_step(spec, torch.device(args.device))
 
 
 def images_per_second(train_step: Callable[[], torch.Tensor], args: argparse.Namespace, warmup: int) -> float:
@@ -113,7 +114,7 @@ def images_per_second(train_step: Callable[[], torch.Tensor], args: argparse.Nam
     synchronize(args.device)
     started = time.perf_counter()
     for _ in range(args.steps):
-        loss = train_step()
+        loss, _ = train_step()
     synchronize(args.device)
     seconds = time.perf_counter() - started
     if not math.isfinite(loss.item()):
@@ -128,9 +129,9 @@ def synchronize(device: str) -> None:
 
 def model_alone(step: TrainStep, images: np.ndarray, args: argparse.Namespace) -> float:
     """(a) Random float views, made once: no data pipeline at all."""
-    shape = (args.batch_size, 3, *images.shape[1:3])
-    views = [torch.rand(shape, device=args.device) for _ in range(step.num_views)]
-    return images_per_second(lambda: step.update(views), args, args.warmup)
+    sides = [spec.size or images.shape[1] for spec in step.views]
+    views = [torch.rand(args.batch_size, 3, side, side, device=args.device) for side in sides]
+    return images_per_second(lambda: step.update(views, PROGRESS), args, args.warmup)
 
 
 def ours(step: TrainStep, images: np.ndarray, args: argparse.Namespace) -> float:
@@ -141,7 +142,7 @@ def ours(step: TrainStep, images: np.ndarray, args: argparse.Namespace) -> float
 
     def train_step() -> torch.Tensor:
         batch = torch.randint(len(data), (args.batch_size,), device=device, generator=generator)
-        return step(data[batch], generator)
+        return step(data[batch], generator, PROGRESS)
 
     return images_per_second(train_step, args, args.warmup)
 
@@ -186,7 +187,7 @@ def torchvision_loader(step: TrainStep, images: np.ndarray, args: argparse.Names
 
     def train_step() -> torch.Tensor:
         views = next(batches)
-        return step.update([v.to(device, non_blocking=True) for v in views])
+        return step.update([v.to(device, non_blocking=True) for v in views], PROGRESS)
 
     return images_per_second(train_step, args, warmup)
 
@@ -205,8 +206,9 @@ def print_table(results: dict, header: str) -> None:
     print(f"\n{header}\n")
     print(f"{'variant':<15}" + "".join(f"{c:>17}" for c in columns))
     for name, figures in results.items():
-        cells = [f"{figures[key]:,.1f}" for key in FIGURES]
-        cells += [f"{figures['ours_over_model_alone']:.2f}", f"{figures['ours_over_torchvision']:.2f}"]
+        cells = [f"{figures[key]:,.1f}" if key in figures else "-" for key in FIGURES]
+        over_torchvision = figures.get("ours_over_torchvision")
+        cells += [f"{figures['ours_over_model_alone']:.2f}", f"{over_torchvision:.2f}" if over_torchvision else "-"]
         print(f"{name:<15}" + "".join(f"{c:>17}" for c in cells))
     print()
 
@@ -224,21 +226,25 @@ def main() -> None:
         figures = {}
         for key, measure in {"model_alone": model_alone, "ours": ours, "torchvision": torchvision_loader}.items():
             step = make_step(images, args, precision, compiled)  # fresh: no state shared between figures
+            if key == "torchvision" and [v.size for v in step.views] != [None, None]:
+                continue  # the DataLoader baseline makes two full-size views only
             figures[key] = round(measure(step, images, args), 1)
             print(f"  {name:<14} {FIGURES[key]:<16} {figures[key]:>10,.1f} images/s", flush=True)
         figures["ours_over_model_alone"] = round(figures["ours"] / figures["model_alone"], 3)
-        figures["ours_over_torchvision"] = round(figures["ours"] / figures["torchvision"], 3)
+        if "torchvision" in figures:
+            figures["ours_over_torchvision"] = round(figures["ours"] / figures["torchvision"], 3)
         results[name] = figures
 
     threads = f" ({torch.get_num_threads()} torch threads)" if device.type == "cpu" else ""
     header = (
-        f"SimCLR ResNet-18 (width {args.width}), batch {args.batch_size}, {images.shape[1]}x{images.shape[2]}, "
+        f"{args.method} ResNet-18 (width {args.width}), batch {args.batch_size}, {images.shape[1]}x{images.shape[2]}, "
         f"{device}{threads}, {args.workers} loader workers; images/s over {args.steps} steps after "
         f"{args.warmup} warm-up (1 image = 2 views)"
     )
     print_table(results, header)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "method": args.method,
         "torch": torch.__version__,
         "data": origin,
         "images": len(images),

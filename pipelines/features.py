@@ -15,7 +15,7 @@ def main() -> None:
     encoder, _ = load_encoder(ENCODER)
     # The baseline: the same architecture with the initial weights pretraining started from.
     torch.manual_seed(params.train.seed)
-    baseline = Encoder(params.model, manifest.mean, manifest.std)
+    baseline = Encoder(params.model, manifest.mean, manifest.std, image_size=manifest.image_size[0])
     arrays: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         data = load_split(PREPARED, split)

@@ -13,6 +13,7 @@ import yaml
 
 from selfsup.config import DataConfig, Params, ScalingConfig, ViewConfig, load_params
 from selfsup.errors import ConfigError
+from selfsup.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pipelines` is imported from the repo root (python -m pytest adds it too)
@@ -47,9 +48,11 @@ def config_error(raw: dict) -> str:
     "key, value, expected",
     [
         ("method.name", "simclrr", ["method.name", "'simclrr'", "simclr"]),
-        ("model.backbone", "resnet50", ["model.backbone", "'resnet50'", "small_cnn", "resnet18"]),
-        ("method.temperature", 0, ["method.temperature", "=0 ", "greater than 0"]),
-        ("method.temperature", -0.25, ["method.temperature", "-0.25"]),
+        ("model.backbone", "resnet51", ["model.backbone", "'resnet51'", "small_cnn", "resnet50", "vit_tiny"]),
+        ("method.simclr.temperature", 0, ["method.simclr.temperature", "=0 ", "greater than 0"]),
+        ("method.simclr.temperature", -0.25, ["method.simclr.temperature", "-0.25"]),
+        ("method.moco.queue_size", 0, ["method.moco.queue_size", "=0 "]),
+        ("method.swav.local_crop_scale", [0.5, 0.1], ["method.swav.local_crop_scale", "0 < low <= high <= 1"]),
         ("train.lr", 0.0, ["train.lr", "0.0"]),
         ("train.lr", -0.3, ["train.lr", "-0.3"]),
         ("train.weight_decay", -0.0005, ["train.weight_decay", "-0.0005"]),
@@ -59,7 +62,7 @@ def config_error(raw: dict) -> str:
         ("views.flip_prob", 1.5, ["views.flip_prob", "1.5"]),
         ("scaling.num_workers", 0, ["scaling.num_workers", "=0 "]),
         ("data.source", "mnist", ["data.source", "'mnist'", "imagefolder"]),
-        ("train.optimizer", "lamb", ["train.optimizer", "'lamb'", "sgd", "adamw"]),
+        ("train.optimizer", "lamb", ["train.optimizer", "'lamb'", "sgd", "adamw", "lars"]),
     ],
 )
 def test_bad_value_names_key_and_value(key: str, value, expected: list[str]) -> None:
@@ -127,15 +130,50 @@ def test_non_digits_source_with_root_is_valid() -> None:
 
 def test_several_problems_give_one_line_each() -> None:
     raw = with_change("train.lr", -1.0)
-    raw["method"]["name"] = "byol"
+    raw["method"]["name"] = "byoll"
     raw["model"]["colour"] = "red"
     with pytest.raises(ConfigError) as caught:
         load_params(raw)
     lines = str(caught.value).splitlines()
     assert len(lines) == 3
     assert any("train.lr" in line and "-1.0" in line for line in lines)
-    assert any("method.name" in line and "'byol'" in line for line in lines)
+    assert any("method.name" in line and "'byoll'" in line for line in lines)
     assert any("model.colour" in line for line in lines)
+
+
+def test_shipped_params_yaml_equals_the_code_defaults() -> None:
+    """One source of truth: a key deleted from params.yaml takes the value it had."""
+    assert load_params(REPO_PARAMS) == Params()
+
+    def keys(node: dict, prefix: str = "") -> set[str]:
+        nested = {k for key, v in node.items() if isinstance(v, dict) for k in keys(v, f"{prefix}{key}.")}
+        return {prefix + key for key in node} | nested
+
+    # Every knob is listed in params.yaml, each method's section included, so users see them all.
+    assert keys(REPO_PARAMS) == keys(Params().model_dump())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_is_chosen_by_name_alone(name: str) -> None:
+    """`dvc exp run -S method.name=NAME` on the shipped params.yaml just works."""
+    params = load_params(with_change("method.name", name))
+    assert params.method.knobs == METHODS[name].Knobs()
+    assert params.method.knobs is getattr(params.method, name)
+
+
+def test_a_knob_of_another_method_names_its_section() -> None:
+    message = config_error(with_change("method.simclr.queue_size", 1024))
+    assert message == "params.yaml: method.simclr.queue_size is not a knob of simclr; queue_size belongs in method.moco"
+    message = config_error(with_change("method.byol.temperature", 0.1))
+    assert "method.byol.temperature is not a knob of byol" in message
+    assert "method.simclr and method.moco and method.swav" in message
+
+
+def test_a_method_section_can_be_left_out() -> None:
+    raw = copy.deepcopy(REPO_PARAMS)
+    del raw["method"]["byol"]
+    raw["method"]["name"] = "byol"
+    assert load_params(raw).method.knobs == METHODS["byol"].Knobs()
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -169,7 +207,7 @@ def test_repo_params_yaml_validates() -> None:
     assert params.data.source == REPO_PARAMS["data"]["source"]
     assert params.train.batch_size == REPO_PARAMS["train"]["batch_size"]
     assert params.views.crop_scale == tuple(REPO_PARAMS["views"]["crop_scale"])
-    assert params.method.name in {"simclr"}
+    assert params.method.name in METHODS
 
 
 def test_read_params_reports_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -191,6 +229,7 @@ STAGE_SCRIPT = """
 import sys
 from pipelines.common import run_stage
 from selfsup.errors import ConfigError
+from selfsup.methods import METHODS
 
 def main():
     print("stage started")
@@ -241,6 +280,7 @@ def test_more_workers_than_ray_can_place_is_a_config_error() -> None:
 import ray
 from selfsup.config import ScalingConfig
 from selfsup.errors import ConfigError
+from selfsup.methods import METHODS
 from selfsup.train.ray_trainer import check_resources, connect_ray
 
 connect_ray()

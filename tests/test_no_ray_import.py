@@ -36,20 +36,17 @@ import torch
 import selfsup.data.views
 import selfsup.train.loop
 import selfsup.train.step
-from selfsup.config import Params
+from selfsup.config import load_params
 from selfsup.data.views import view_generator
-from selfsup.methods import NUM_VIEWS
-from selfsup.train.loop import PretrainSpec, build_model
-from selfsup.train.optim import build_optimizer
-from selfsup.train.step import TrainStep
+from selfsup.methods import TrainingProgress
+from selfsup.train.loop import PretrainSpec, single_process_step
 
-params = Params.model_validate({"model": {"backbone": "small_cnn", "width": 0.25}, "train": {"batch_size": 8}})
-spec = PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3)
-model = build_model(spec)
+params = load_params({"model": {"backbone": "small_cnn", "width": 0.25}, "train": {"batch_size": 8}})
+spec = PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 16)
 device = torch.device("cpu")
-step = TrainStep(model, build_optimizer(model, spec.train), spec.views, NUM_VIEWS["simclr"], spec.train, device)
+step = single_process_step(spec, device)
 images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-loss = step(images, view_generator(0, 0, 0, device)).item()
+loss = step(images, view_generator(0, 0, 0, device), TrainingProgress(0, 1, 1))[0].item()
 assert math.isfinite(loss), loss
 assert "ray" not in sys.modules
 assert not [m for m in sys.modules if m.partition(".")[0] in ("ray", "mlflow", "dvc")]

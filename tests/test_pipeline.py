@@ -77,7 +77,7 @@ def test_second_repro_runs_nothing(tiny_repo):
 def test_changed_pretrain_param_reruns_pretrain_and_what_follows_only(tiny_repo):
     repo, env = tiny_repo
     first = read_json(repo / "models" / "registration.json")
-    update_params(repo, {"method": {"temperature": 0.5}})
+    update_params(repo, {"method": {"simclr": {"temperature": 0.5}}})
     result = run(["dvc", "repro"], repo, env)
     assert result.returncode == 0, result.output
     assert ran_stages(result.output) == STAGES[1:]  # not prepare
@@ -123,5 +123,6 @@ def test_bad_params_stop_the_stage_before_any_compute(tiny_repo):
         (repo / "params.yaml").write_text(before)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: params.yaml: method.name='simclrr' is invalid: unknown method; allowed: simclr"
+        "error: params.yaml: method.name='simclrr' is invalid: unknown method; allowed: "
+        "simclr, moco, byol, simsiam, swav, barlow_twins, dino"
     ]

@@ -88,7 +88,7 @@ def test_digits_split_is_stratified(digits16: tuple[Path, Manifest]) -> None:
 
 
 def test_digits_native_size_is_8x8(tmp_path: Path) -> None:
-    manifest = prepare_dataset(DataConfig(source="digits"), tmp_path)
+    manifest = prepare_dataset(DataConfig(source="digits", image_size=None), tmp_path)
     assert manifest.image_size == [8, 8]
     assert load_split(tmp_path, "train", with_labels=False).shape[1:] == (8, 8, 3)
 
@@ -127,7 +127,9 @@ def test_imagefolder_class_folders_split_by_fraction(tmp_path: Path) -> None:
     root = tmp_path / "images"
     write_class_images(root)
     out = tmp_path / "prepared"
-    manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(root), test_fraction=0.5), out)
+    manifest = prepare_dataset(
+        DataConfig(source="imagefolder", root=str(root), test_fraction=0.5, image_size=None), out
+    )
     assert manifest.class_names == sorted(COLOURS)
     assert manifest.image_size == [12, 12]
     assert manifest.splits["train"]["count"] == manifest.splits["test"]["count"] == 9
@@ -145,7 +147,9 @@ def test_imagefolder_train_and_test_folders(tmp_path: Path) -> None:
     write_class_images(root / "train", per_class=5, fmt="png")
     write_class_images(root / "test", per_class=2, fmt="jpg")
     out = tmp_path / "prepared"
-    manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(root), test_fraction=0.5), out)
+    manifest = prepare_dataset(
+        DataConfig(source="imagefolder", root=str(root), test_fraction=0.5, image_size=None), out
+    )
     assert manifest.class_names == sorted(COLOURS)
     assert manifest.splits["train"]["count"] == 15
     assert manifest.splits["test"]["count"] == 6  # given as is, test_fraction unused
@@ -165,7 +169,7 @@ def test_imagefolder_test_classes_must_match_train(tmp_path: Path) -> None:
         path.unlink()
     (root / "test" / "cherry").rmdir()
     with pytest.raises(DatasetError, match="cherry"):
-        prepare_dataset(DataConfig(source="imagefolder", root=str(root)), tmp_path / "out")
+        prepare_dataset(DataConfig(source="imagefolder", root=str(root), image_size=None), tmp_path / "out")
 
 
 def test_imagefolder_resizes_to_image_size(tmp_path: Path) -> None:
@@ -179,7 +183,7 @@ def test_imagefolder_resizes_to_image_size(tmp_path: Path) -> None:
 def test_missing_root_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_folder"
     with pytest.raises(DatasetError) as caught:
-        prepare_dataset(DataConfig(source="imagefolder", root=str(missing)), tmp_path / "out")
+        prepare_dataset(DataConfig(source="imagefolder", root=str(missing), image_size=None), tmp_path / "out")
     assert str(missing) in str(caught.value)
     assert "data.root" in str(caught.value)
     assert not (tmp_path / "out" / MANIFEST).exists()
@@ -197,7 +201,7 @@ def test_class_folder_without_images_is_a_dataset_error(tmp_path: Path) -> None:
     (root / "durian").mkdir()
     (root / "durian" / "notes.txt").write_text("no images here")
     with pytest.raises(DatasetError) as caught:
-        prepare_dataset(DataConfig(source="imagefolder", root=str(root)), tmp_path / "out")
+        prepare_dataset(DataConfig(source="imagefolder", root=str(root), image_size=None), tmp_path / "out")
     assert str(root / "durian") in str(caught.value)
 
 
@@ -215,7 +219,7 @@ def test_corrupt_image_names_the_file(tmp_path: Path, name: str, content: bytes 
         content = bad.read_bytes()[:80]
     bad.write_bytes(content)
     with pytest.raises(DatasetError) as caught:
-        prepare_dataset(DataConfig(source="imagefolder", root=str(root)), tmp_path / "out")
+        prepare_dataset(DataConfig(source="imagefolder", root=str(root), image_size=None), tmp_path / "out")
     assert str(bad) in str(caught.value)
     assert not (tmp_path / "out" / MANIFEST).exists()
 
@@ -226,7 +230,7 @@ def test_empty_image_file_is_a_dataset_error(tmp_path: Path) -> None:
     empty = root / "apple" / "empty.png"
     empty.write_bytes(b"")
     with pytest.raises(DatasetError) as caught:
-        prepare_dataset(DataConfig(source="imagefolder", root=str(root)), tmp_path / "out")
+        prepare_dataset(DataConfig(source="imagefolder", root=str(root), image_size=None), tmp_path / "out")
     assert str(empty) in str(caught.value)
 
 
@@ -235,7 +239,7 @@ def test_mixed_sizes_need_image_size(tmp_path: Path) -> None:
     write_class_images(root, per_class=3, size=12)
     Image.new("RGB", (16, 10), COLOURS["cherry"]).save(root / "cherry" / "wide.png")
     with pytest.raises(DatasetError) as caught:
-        prepare_dataset(DataConfig(source="imagefolder", root=str(root)), tmp_path / "out")
+        prepare_dataset(DataConfig(source="imagefolder", root=str(root), image_size=None), tmp_path / "out")
     assert "data.image_size" in str(caught.value)
     assert "wide.png" in str(caught.value)
     manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(root), image_size=10), tmp_path / "out")
@@ -259,7 +263,7 @@ def test_cifar10_missing_without_download_names_the_fix(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"no CIFAR-10 ImageFolder at {CIFAR10}")
 def test_cifar10_imagefolder(tmp_path: Path) -> None:
-    manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(CIFAR10)), tmp_path)
+    manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(CIFAR10), image_size=None), tmp_path)
     assert manifest.class_names == CIFAR10_CLASSES
     assert manifest.splits["train"]["count"] == 50000
     assert manifest.splits["test"]["count"] == 10000
@@ -277,7 +281,9 @@ def test_formats_torchvision_cannot_decode_go_through_pil(tmp_path: Path, fmt: s
     root = tmp_path / "images"
     write_class_images(root, per_class=2, fmt=fmt)
     out = tmp_path / "prepared"
-    manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(root), test_fraction=0.5), out)
+    manifest = prepare_dataset(
+        DataConfig(source="imagefolder", root=str(root), test_fraction=0.5, image_size=None), out
+    )
     split = load_split(out, "train")
     assert split.images.shape == (3, 12, 12, 3)
     for image, label in zip(split.images, split.labels):
@@ -290,6 +296,6 @@ def test_animated_gif_keeps_its_first_frame(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (12, 12), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(root / "apple" / "animated.gif", save_all=True, append_images=frames[1:])
     out = tmp_path / "prepared"
-    prepare_dataset(DataConfig(source="imagefolder", root=str(root), test_fraction=0.5), out)
+    prepare_dataset(DataConfig(source="imagefolder", root=str(root), test_fraction=0.5, image_size=None), out)
     images = np.concatenate([load_split(out, s).images for s in ("train", "test")])
     assert len(images) == 7 and {tuple(i[0, 0]) for i in images} >= {(255, 0, 0)}

@@ -24,11 +24,11 @@ def make_spec(manifest, **train) -> PretrainSpec:
     params = Params.model_validate(
         {
             "train": {"epochs": 3, "batch_size": 128, "checkpoint_every": 1, "warmup_epochs": 1, **train},
-            "method": {"projection_hidden_dim": 32, "projection_dim": 16},
+            "method": {"simclr": {"projection_hidden_dim": 32, "projection_dim": 16}},
             "model": {"width": 0.5},
         }
     )
-    return PretrainSpec(params.model, params.method, params.views, params.train, manifest.mean, manifest.std)
+    return PretrainSpec(params.model, params.method, params.views, params.train, manifest.mean, manifest.std, 16)
 
 
 class Interrupted(Exception):

@@ -1,4 +1,5 @@
-"""Batched, seeded view augmentations: determinism, output contract, and each augmentation's effect."""
+"""Batched, seeded view augmentations: determinism, output contract, crop boxes as torchvision draws them,
+and each augmentation's effect."""
 
 from __future__ import annotations
 
@@ -7,11 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torchvision.transforms import RandomResizedCrop
 
 from selfsup.config import ViewConfig
-from selfsup.data.views import make_view, to_float_images, view_generator
+from selfsup.data.views import (
+    ViewSpec,
+    _crop_boxes,
+    _resample_boxes,
+    make_view,
+    make_views,
+    to_float_images,
+    view_generator,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 IDENTITY = ViewConfig(crop_scale=(1.0, 1.0), flip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=0, solarize_prob=0)
@@ -46,8 +57,19 @@ def smooth_images(n: int = 4, size: int = 32) -> torch.Tensor:
     return torch.stack(images).round().clamp(0, 255).to(torch.uint8)
 
 
-def view(images: torch.Tensor, config: ViewConfig, seed: int = 0, epoch: int = 0, rank: int = 0) -> torch.Tensor:
-    return make_view(images, config, view_generator(seed, epoch, rank, "cpu"))
+def view(
+    images: torch.Tensor, config: ViewConfig, seed: int = 0, epoch: int = 0, rank: int = 0, size: int | None = None
+) -> torch.Tensor:
+    return make_view(images, config, view_generator(seed, epoch, rank, "cpu"), size)
+
+
+def ks_statistic(first: np.ndarray, second: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs (ties included)."""
+    first, second = np.sort(first), np.sort(second)
+    points = np.concatenate([first, second])
+    cdf_first = np.searchsorted(first, points, side="right") / len(first)
+    cdf_second = np.searchsorted(second, points, side="right") / len(second)
+    return float(np.abs(cdf_first - cdf_second).max())
 
 
 # --- determinism --------------------------------------------------------------------------------
@@ -138,18 +160,174 @@ def test_default_views_change_the_image() -> None:
     assert not torch.allclose(view(images, ViewConfig()), to_float_images(images), atol=0.05)
 
 
+@pytest.mark.parametrize(
+    "config", [ViewConfig(), EVERYTHING, WITH_BLUR, IDENTITY], ids=["default", "all", "blur", "id"]
+)
+@pytest.mark.parametrize("size", [18, 8, 32, 40])
+def test_output_size(config: ViewConfig, size: int) -> None:
+    images = random_images(5, 32)
+    out = view(images, config, size=size)
+    assert out.shape == (5, 3, size, size) and out.dtype == torch.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert torch.equal(out, view(images, config, size=size))
+
+
+def test_size_none_keeps_the_input_size() -> None:
+    images = random_images(3, 24)
+    assert view(images, EVERYTHING, size=None).shape == (3, 3, 24, 24)
+    assert torch.equal(view(images, EVERYTHING, size=None), view(images, EVERYTHING))
+
+
+def test_whole_image_at_a_smaller_size_is_the_resized_image() -> None:
+    # Halving a smooth image: each output pixel is the mean of a 2 x 2 block (bilinear at the block centre).
+    images = smooth_images(4, 32)
+    out = view(images, IDENTITY, size=16)
+    expected = torch.nn.functional.avg_pool2d(to_float_images(images), 2)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_make_views_follows_the_specs() -> None:
+    # Multi-crop: two global views at the input size, six local views at 18 px.
+    images = random_images(4, 32)
+    local = EVERYTHING.model_copy(update={"crop_scale": (0.05, 0.4)})
+    specs = [ViewSpec(EVERYTHING), ViewSpec(EVERYTHING, 32)] + [ViewSpec(local, 18)] * 6
+    views = make_views(images, specs, view_generator(0, 0, 0, "cpu"))
+    assert [v.shape for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 18, 18)] * 6
+    again = make_views(images, specs, view_generator(0, 0, 0, "cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    assert not torch.allclose(views[2], views[3], atol=1e-3)  # local views are different crops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_views_on_cuda() -> None:
+    images = random_images(8, 32).cuda()
+    first = make_view(images, WITH_BLUR, view_generator(0, 0, 0, "cuda"), 18)
+    second = make_view(images, WITH_BLUR, view_generator(0, 0, 0, "cuda"), 18)
+    other = make_view(images, WITH_BLUR, view_generator(1, 0, 0, "cuda"), 18)
+    assert first.device.type == "cuda" and first.shape == (8, 3, 18, 18)
+    assert torch.equal(first, second) and not torch.allclose(first, other, atol=1e-3)
+    assert first.min() >= 0.0 and first.max() <= 1.0
+    identity = make_view(images, IDENTITY, view_generator(0, 0, 0, "cuda"))
+    assert torch.allclose(identity, to_float_images(images), atol=1e-5)
+
+
+# --- crop boxes -----------------------------------------------------------------------------------
+
+
+def torchvision_boxes(n: int, side: int, scale: tuple[float, float]) -> np.ndarray:
+    """n boxes (i, j, h, w) from torchvision's RandomResizedCrop.get_params, seeded, global RNG untouched."""
+    image = torch.empty(3, side, side)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return np.array([RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(n)])
+
+
+def our_boxes(n: int, height: int, width: int, scale: tuple[float, float], seed: int = 0, **kwargs) -> np.ndarray:
+    boxes = _crop_boxes(n, height, width, scale, torch.Generator().manual_seed(seed), "cpu", **kwargs)
+    return torch.stack(boxes, 1).numpy()
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.4, 1.0)])
+def test_crop_boxes_match_torchvision(scale: tuple[float, float]) -> None:
+    n, side = 20_000, 32
+    ours, theirs = our_boxes(n, side, side, scale), torchvision_boxes(n, side, scale)
+    area_ours = ours[:, 2] * ours[:, 3] / side**2
+    area_theirs = theirs[:, 2] * theirs[:, 3] / side**2
+    assert abs(area_ours.mean() - area_theirs.mean()) < 0.01
+    assert abs((area_ours > 0.8).mean() - (area_theirs > 0.8).mean()) < 0.02
+    assert ks_statistic(area_ours, area_theirs) < 0.025  # 0.1% critical value at 20k vs 20k: ~0.0195
+    aspect_ours, aspect_theirs = np.log(ours[:, 3] / ours[:, 2]), np.log(theirs[:, 3] / theirs[:, 2])
+    assert abs(aspect_ours.mean() - aspect_theirs.mean()) < 0.01
+    assert ks_statistic(aspect_ours, aspect_theirs) < 0.025
+    # Offsets: uniform over the positions left, as torchvision's: their mean is half the slack.
+    for offset, extent in [(0, 2), (1, 3)]:
+        slack_ours, slack_theirs = side - ours[:, extent], side - theirs[:, extent]
+        assert abs((ours[:, offset] - slack_ours / 2).mean()) < 0.1
+        assert abs((theirs[:, offset] - slack_theirs / 2).mean()) < 0.1
+
+
+def test_default_crops_are_not_larger_than_torchvision() -> None:
+    # The default crop_scale (0.4, 1): mean area 0.65 (a uniform area would give 0.70), about 19% above 0.8.
+    boxes = our_boxes(20_000, 32, 32, (0.4, 1.0))
+    area = boxes[:, 2] * boxes[:, 3] / 32**2
+    assert 0.64 < area.mean() < 0.66
+    assert 0.16 < (area > 0.8).mean() < 0.21
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (16, 40), (40, 16), (7, 9), (1, 1)])
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.4, 1.0), (0.05, 0.4), (1.0, 1.0)])
+def test_crop_boxes_lie_inside_the_image(height: int, width: int, scale: tuple[float, float]) -> None:
+    i, j, h, w = our_boxes(5_000, height, width, scale).T
+    assert (h >= 1).all() and (w >= 1).all()
+    assert (i >= 0).all() and (j >= 0).all()
+    assert (i + h <= height).all() and (j + w <= width).all()
+
+
+def test_crop_boxes_fall_back_like_torchvision() -> None:
+    # A 10 x 40 image at full scale: no try fits, so every box is the central crop at ratio 4/3.
+    expected = RandomResizedCrop.get_params(torch.empty(3, 10, 40), [1.0, 1.0], [3 / 4, 4 / 3])
+    assert expected == (0, 13, 10, 13)
+    assert (our_boxes(100, 10, 40, (1.0, 1.0)) == np.array(expected)).all()
+
+
+@pytest.mark.parametrize("ratio", [(1.0, 1.0), (3 / 4, 4 / 3)], ids=["fixed", "default"])
+@pytest.mark.parametrize("side", [32, 18, 5])
+def test_full_scale_on_a_square_image_is_the_whole_image(ratio: tuple[float, float], side: int) -> None:
+    # Any fitting try at full scale on a square image rounds to the whole image, and so does the fallback.
+    boxes = our_boxes(1_000, side, side, (1.0, 1.0), ratio=ratio)
+    assert (boxes == np.array([0, 0, side, side])).all()
+
+
+def test_full_scale_fixed_ratio_on_a_non_square_image_is_the_whole_image() -> None:
+    boxes = our_boxes(1_000, 20, 24, (1.0, 1.0), ratio=(24 / 20, 24 / 20))
+    assert (boxes == np.array([0, 0, 20, 24])).all()
+
+
+def test_crop_boxes_are_seeded() -> None:
+    first, second = our_boxes(64, 32, 32, (0.08, 1.0), seed=3), our_boxes(64, 32, 32, (0.08, 1.0), seed=3)
+    assert (first == second).all()
+    assert not (first == our_boxes(64, 32, 32, (0.08, 1.0), seed=4)).all()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_resample_maps_the_pixel_box_exactly(flip: bool) -> None:
+    # A box resampled at its own size is exactly those pixels (mirrored when flipped): no half-pixel shift.
+    x = to_float_images(random_images(6, 32))
+    n, side = x.shape[0], 12
+    i, j = torch.tensor([0, 20, 5, 3, 11, 0]), torch.tensor([0, 20, 9, 17, 2, 20])
+    boxes = (i, j, torch.full((n,), side), torch.full((n,), side))
+    out = _resample_boxes(x, boxes, torch.full((n,), flip), side, side)
+    for k in range(n):
+        crop = x[k, :, i[k] : i[k] + side, j[k] : j[k] + side]
+        assert torch.allclose(out[k], crop.flip(-1) if flip else crop, atol=1e-5)
+
+
+def test_resample_non_square_box_to_square_output() -> None:
+    # A 16-wide, 8-high box resampled to 8 x 8: columns average in pairs, rows are kept.
+    x = to_float_images(smooth_images(2, 32))
+    boxes = (torch.tensor([4, 10]), torch.tensor([0, 16]), torch.tensor([8, 8]), torch.tensor([16, 16]))
+    out = _resample_boxes(x, boxes, torch.tensor([False, False]), 8, 8)
+    for k in range(2):
+        i, j = int(boxes[0][k]), int(boxes[1][k])
+        crop = x[k, :, i : i + 8, j : j + 16]
+        assert torch.allclose(out[k], (crop[..., 0::2] + crop[..., 1::2]) / 2, atol=1e-5)
+
+
 # --- each augmentation ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_no_augmentation_returns_the_image(seed: int) -> None:
-    images = smooth_images(8)
+@pytest.mark.parametrize("make", [smooth_images, random_images], ids=["smooth", "random"])
+def test_no_augmentation_returns_the_image(seed: int, make) -> None:
+    # crop_scale (1, 1) gives the whole-image box; resampled at the input size it is the identity.
+    images = make(8)
     out = view(images, IDENTITY, seed=seed)
-    assert torch.allclose(out, to_float_images(images), atol=0.02)
+    assert out.shape == (8, 3, *images.shape[1:3])
+    assert torch.allclose(out, to_float_images(images), atol=1e-5)
 
 
-def test_crop_area_is_at_least_crop_scale_low_end_sanity() -> None:
-    # A constant image is unchanged by any crop and resample: whatever the bug above, values survive.
+def test_resample_of_a_constant_image_is_the_same_constant() -> None:
+    # A constant image is unchanged by any crop and resample.
     images = torch.full((4, 16, 16, 3), 77, dtype=torch.uint8)
     out = view(images, IDENTITY)
     assert torch.allclose(out, torch.full_like(out, 77 / 255), atol=1e-5)

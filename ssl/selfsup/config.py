@@ -7,16 +7,25 @@ the key, the value and what is allowed.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import functools
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from selfsup.errors import ConfigError
 
-# Names and per-worker minimum batch of each method; the classes live in selfsup.methods, which
-# checks at import that it implements exactly these (kept here so config stays free of torch).
-METHOD_MIN_BATCH = {"simclr": 2}
-BACKBONES = ("small_cnn", "resnet18")
+BACKBONES = ("small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "regnet_y_400mf", "regnet_y_1_6gf")
+WIDTH_MULTIPLIED = ("small_cnn", "resnet18", "resnet50")  # the backbones model.width applies to
 
 
 def _one_of(value: str, allowed, what: str) -> str:
@@ -24,6 +33,16 @@ def _one_of(value: str, allowed, what: str) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {what}; allowed: {', '.join(allowed)}")
     return value
+
+
+def _valid_scale(value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not 0 < low <= high <= 1:
+        raise ValueError("must be [low, high] with 0 < low <= high <= 1")
+    return value
+
+
+CropScale = Annotated[tuple[float, float], AfterValidator(_valid_scale)]  # area fractions of a random crop
 
 
 class _Section(BaseModel):
@@ -34,7 +53,7 @@ class DataConfig(_Section):
     source: Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder"] = "digits"
     root: str | None = None  # folder of a torchvision or imagefolder source
     download: bool = False  # let torchvision download a missing dataset (needs internet)
-    image_size: int | None = Field(default=None, ge=8, le=512)  # square resize; None keeps native
+    image_size: int | None = Field(default=16, ge=8, le=512)  # square resize; None keeps native
     test_fraction: float = Field(default=0.2, gt=0, lt=1)  # when the source has no test split
     seed: int = 0
 
@@ -47,64 +66,94 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: str = "small_cnn"
-    width: float = Field(default=1.0, gt=0, le=8)  # channel multiplier
+    width: float = Field(default=1.0, gt=0, le=8)  # channel multiplier of small_cnn and the ResNets
+    zero_init_residual: bool = False  # zero each residual block's last BN scale (ResNets, RegNets)
+    patch_size: int = Field(default=4, ge=1)  # ViT patch side: 4 at 32x32 gives 64 tokens
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
         return _one_of(value, BACKBONES, "backbone")
 
+    @model_validator(mode="after")
+    def _width_applies(self) -> ModelConfig:
+        if self.width != 1.0 and self.backbone not in WIDTH_MULTIPLIED:
+            raise ValueError(
+                f"model.width={self.width} applies only to {', '.join(WIDTH_MULTIPLIED)}; "
+                f"set it to 1.0 for model.backbone={self.backbone!r}"
+            )
+        return self
+
+
+class MethodKnobs(_Section):
+    """Base of a method's own knobs. Each method declares its subclass beside its code, in
+    selfsup.methods; params.yaml holds them in the section method.<name>."""
+
 
 class MethodConfig(_Section):
+    """`name` picks the method; `method.<name>` holds each method's knobs (added by `_method_model`)."""
+
     name: str = "simclr"
-    temperature: float = Field(default=0.2, gt=0)
-    projection_hidden_dim: int = Field(default=512, ge=1)
-    projection_dim: int = Field(default=128, ge=1)
 
     @field_validator("name")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        return _one_of(value, METHOD_MIN_BATCH, "method")
+        return _one_of(value, _methods(), "method")
+
+    @property
+    def knobs(self) -> MethodKnobs:
+        """The chosen method's knobs."""
+        return getattr(self, self.name)
+
+
+def _methods() -> dict:
+    # Imported on first use, not at import: the methods import torch, and this module.
+    from selfsup.methods import METHODS
+
+    return METHODS
+
+
+@functools.cache
+def _method_model() -> type[MethodConfig]:
+    """MethodConfig with one section per registered method, each validated by the method's Knobs."""
+    sections = {name: (method.Knobs, method.Knobs()) for name, method in _methods().items()}
+    return create_model("MethodConfig", __base__=MethodConfig, **sections)
 
 
 class ViewConfig(_Section):
     """Augmentations that make each view; probabilities are per image."""
 
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # area fraction of the random resized crop
-    flip_prob: float = Field(default=0.5, ge=0, le=1)
+    crop_scale: CropScale = (0.4, 1.0)  # area fraction of the random resized crop
+    flip_prob: float = Field(default=0.0, ge=0, le=1)  # digits are not mirror-symmetric
     jitter_prob: float = Field(default=0.8, ge=0, le=1)
     jitter_strength: float = Field(default=0.4, ge=0, le=1)  # brightness/contrast/saturation; hue/4
-    grayscale_prob: float = Field(default=0.2, ge=0, le=1)
+    grayscale_prob: float = Field(default=0.0, ge=0, le=1)
     blur_prob: float = Field(default=0.0, ge=0, le=1)
     solarize_prob: float = Field(default=0.0, ge=0, le=1)
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _valid_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not 0 < low <= high <= 1:
-            raise ValueError("must be [low, high] with 0 < low <= high <= 1")
-        return value
-
 
 class TrainConfig(_Section):
-    epochs: int = Field(default=30, ge=1)
+    epochs: int = Field(default=60, ge=1)
     batch_size: int = Field(default=256, ge=1)  # global: split evenly across workers
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
     lr: float = Field(default=0.3, gt=0)
+    lars_trust_coefficient: float = Field(default=0.02, gt=0)  # LARS's eta (solo-learn's CIFAR value)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    warmup_epochs: int = Field(default=1, ge=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_epochs: int = Field(default=2, ge=0)
     seed: int = 0
-    checkpoint_every: int = Field(default=5, ge=1)  # epochs between checkpoints (the last always is one)
+    checkpoint_every: int = Field(default=10, ge=1)  # epochs between checkpoints (the last always is one)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on CUDA only
     compile: bool = False  # torch.compile the model
+    # Collapse: the std of the L2-normalised embeddings, times sqrt(dim) (about 1 healthy, 0 collapsed).
+    collapse_std: float = Field(default=0.05, ge=0)  # stop when it stays below this ...
+    collapse_patience: int = Field(default=3, ge=1)  # ... for this many epochs in a row
 
 
 class ScalingConfig(_Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
+    cpus_per_worker: float = Field(default=2.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, gt=0)  # used only when use_gpu
 
 
@@ -116,7 +165,7 @@ class KnnConfig(_Section):
 class LinearConfig(_Section):
     epochs: int = Field(default=100, ge=1)
     lr: float = Field(default=0.01, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
     batch_size: int = Field(default=256, ge=1)
 
 
@@ -136,7 +185,13 @@ class MlflowConfig(_Section):
 class Params(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    method: MethodConfig = MethodConfig()
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_model()())
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_sections(cls, value: Any) -> Any:
+        return value if isinstance(value, MethodConfig) else _method_model().model_validate(value)
+
     views: ViewConfig = ViewConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
@@ -157,7 +212,7 @@ class Params(_Section):
         workers, batch = self.scaling.num_workers, self.train.batch_size
         if batch % workers:
             raise ValueError(f"train.batch_size={batch} must divide evenly across scaling.num_workers={workers}")
-        needed = METHOD_MIN_BATCH[self.method.name]
+        needed = _methods()[self.method.name].min_batch
         if batch // workers < needed:
             raise ValueError(
                 f"train.batch_size={batch} is too small for method {self.method.name!r}: each of "
@@ -179,6 +234,12 @@ def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
+        if len(error["loc"]) == 3 and error["loc"][0] == "method":  # method.<name>.<knob>
+            knob = error["loc"][2]
+            owners = [name for name, method in _methods().items() if knob in method.Knobs.model_fields]
+            if owners:
+                where = " and ".join(f"method.{name}" for name in owners)
+                return f"params.yaml: {key} is not a knob of {error['loc'][1]}; {knob} belongs in {where}"
         return f"params.yaml: {key} is not a known key (a typo?); remove or rename it"
     if not key or isinstance(error.get("input"), dict):  # cross-field: the message names the keys
         return f"params.yaml: {message}"

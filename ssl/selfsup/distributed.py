@@ -22,3 +22,44 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     # Backward is a reduce-scatter (sum): each rank's embeddings get the gradient of every rank's loss.
     return all_gather_single_autograd(x, gather_dim=0, group=dist.group.WORLD)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is also a sum: every rank's loss depends on the reduced value, so
+    the gradient reaching each rank's input is the sum of all ranks' gradients of the reduced value."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over every rank, differentiable (Barlow Twins' correlation, batch statistics)."""
+    return x if world_size() == 1 else _AllReduceSum.apply(x)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over every rank, no gradient (Sinkhorn's sums, DINO's centre)."""
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """x from every rank concatenated along dim 0, no gradient (MoCo's keys before they are queued)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

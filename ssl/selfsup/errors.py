@@ -17,6 +17,10 @@ class NonFiniteLossError(SelfsupError):
     """The loss became NaN or infinite; checkpoints written before it are kept."""
 
 
+class CollapseError(SelfsupError):
+    """The embeddings collapsed (every image maps to nearly one point); the last good checkpoint is kept."""
+
+
 class RayClusterError(SelfsupError):
     """The Ray cluster named by RAY_ADDRESS cannot be reached."""
 

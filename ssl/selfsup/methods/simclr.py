@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from selfsup.config import MethodConfig
+from selfsup.config import MethodKnobs
 from selfsup.distributed import gather_with_grad, rank
-from selfsup.models import Encoder
+from selfsup.methods.common import two_views
+from selfsup.models.heads import mlp
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,21 +32,27 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
 
 
 class SimCLR(nn.Module):
-    def __init__(self, encoder: Encoder, config: MethodConfig):
-        super().__init__()
-        self.encoder = encoder
-        self.temperature = config.temperature
-        self.projector = nn.Sequential(
-            nn.Linear(encoder.feature_dim, config.projection_hidden_dim),
-            nn.BatchNorm1d(config.projection_hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(config.projection_hidden_dim, config.projection_dim),
-        )
+    name = "simclr"
+    min_batch = 2  # a negative needs a second image
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    # What to change on a NaN loss or a collapse.
+    advice = "raise method.simclr.temperature"
+
+    class Knobs(MethodKnobs):
+        temperature: float = Field(default=0.2, gt=0)
+        projection_hidden_dim: int = Field(default=2048, ge=1)
+        projection_dim: int = Field(default=256, ge=1)
+
+    views = staticmethod(two_views)
+
+    def __init__(self, encoder: nn.Module, knobs: Knobs):
+        super().__init__()
+        self.encoder, self.knobs = encoder, knobs
+        self.projector = mlp(encoder.feature_dim, knobs.projection_hidden_dim, knobs.projection_dim)
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # Both views in one pass: one BatchNorm statistic and half the kernel launches.
-        z = self.projector(self.encoder(torch.cat(views)))
-        z1, z2 = z.float().chunk(2)
+        z1, z2 = self.projector(self.encoder(torch.cat(views))).float().chunk(2)
         # In float32 even under bf16 autocast: logits / 0.2 need finer steps than bf16's 8 bits of mantissa.
-        with torch.autocast(z.device.type, enabled=False):
-            return nt_xent_loss(z1, z2, self.temperature)
+        with torch.autocast(z1.device.type, enabled=False):
+            return nt_xent_loss(z1, z2, self.knobs.temperature), z1.detach()

@@ -2,14 +2,24 @@
 
 An encoder takes float images in [0, 1] (N x 3 x H x W), normalises them with the dataset's own
 mean and std (stored as buffers, so the saved weights carry them) and returns N x feature_dim.
+
+Every backbone is built for small images (32 px CIFAR, 16 px digits): the ResNets and RegNets use the
+CIFAR stem (a stride-1 3x3 conv, no max-pool), the ViTs a small patch and a positional embedding sized
+for the dataset's images. Each has an `out_dim` attribute, the size of its pooled features.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.models import regnet_y_1_6gf, regnet_y_400mf
+from torchvision.models.regnet import ResBottleneckBlock
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.vision_transformer import VisionTransformer
 
 from selfsup.config import ModelConfig
 from selfsup.errors import CheckpointError
@@ -34,56 +44,171 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int):
+def residual_branch_last_norms(model: nn.Module) -> Iterator[nn.BatchNorm2d]:
+    """The last BN of every residual branch: bn2 of a BasicBlock, bn3 of a Bottleneck, and in a RegNet
+    block the BN after the branch's final 1x1 conv (`f.c`, a conv + norm pair)."""
+    for module in model.modules():
+        if isinstance(module, BasicBlock):
+            yield module.bn2
+        elif isinstance(module, Bottleneck):
+            yield module.bn3
+        elif isinstance(module, ResBottleneckBlock):
+            yield module.f.c[1]
+
+
+def zero_init_residual_branches(model: nn.Module) -> None:
+    """Each residual block then starts as the identity (Goyal et al. 2017), as torchvision's zero_init_residual."""
+    for norm in residual_branch_last_norms(model):
+        nn.init.zeros_(norm.weight)
+
+
+class CifarResNet(nn.Module):
+    """torchvision's ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool), no fc, and a channel width
+    multiplier. torchvision's ResNet hard-codes 64 stem channels, so this rebuilds its trunk from the same
+    blocks with the same stage builder (`ResNet._make_layer`) and the same initialisation."""
+
+    # torchvision's stage builder; it reads inplanes, dilation, groups, base_width and _norm_layer from self.
+    _make_layer = ResNet._make_layer
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        blocks_per_stage: list[int],
+        width: float = 1.0,
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool) and a channel width multiplier."""
-
-    def __init__(self, width: float = 1.0):
-        super().__init__()
-        widths = [max(8, round(c * width)) for c in (64, 128, 256, 512)]
+        planes = [max(8, round(c * width)) for c in (64, 128, 256, 512)]
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = planes[0], 1, 1, 64
         self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+            nn.Conv2d(3, planes[0], kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(planes[0]),
+            nn.ReLU(inplace=True),
         )
-        blocks, previous = [], widths[0]
-        for i, c in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            blocks += [BasicBlock(previous, c, stride), BasicBlock(c, c, 1)]
-            previous = c
-        self.blocks = nn.Sequential(*blocks)
+        self.layer1 = self._make_layer(block, planes[0], blocks_per_stage[0])
+        self.layer2 = self._make_layer(block, planes[1], blocks_per_stage[1], stride=2)
+        self.layer3 = self._make_layer(block, planes[2], blocks_per_stage[2], stride=2)
+        self.layer4 = self._make_layer(block, planes[3], blocks_per_stage[3], stride=2)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.out_dim = widths[-1]
+        self.out_dim = planes[3] * block.expansion
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            zero_init_residual_branches(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(self.stem(x)))
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.pool(x)
 
 
-BACKBONE_CLASSES = {"small_cnn": SmallCNN, "resnet18": ResNet18}
+def _check_patch_divides(size: int, patch_size: int) -> None:
+    if size % patch_size:
+        raise ValueError(f"image size {size} is not divisible by the ViT patch size {patch_size}")
+
+
+class SmallImageViT(VisionTransformer):
+    """torchvision's ViT without its classification head, returning the class token's final hidden state.
+
+    It takes any input whose sides are multiples of the patch, not just `image_size`: multi-crop methods
+    feed smaller local crops. The positional embedding of the patch tokens, learned for the `image_size`
+    grid, is then interpolated bicubically to the input's grid (DINO's `interpolate_pos_encoding`); the
+    class token's embedding is kept as is.
+    """
+
+    def __init__(
+        self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int
+    ):
+        _check_patch_divides(image_size, patch_size)
+        super().__init__(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
+        self.heads = nn.Identity()
+        self.out_dim = hidden_dim
+
+    def position_embedding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """1 x (1 + grid_height * grid_width) x hidden_dim: the class token's, then the patches' row by row."""
+        embedding = self.encoder.pos_embedding
+        native = self.image_size // self.patch_size
+        if (grid_height, grid_width) == (native, native):
+            return embedding  # no resampling at the native size: exactly torchvision's forward
+        class_embedding, patch_embedding = embedding[:, :1], embedding[:, 1:]
+        patch_grid = patch_embedding.reshape(1, native, native, -1).permute(0, 3, 1, 2)
+        patch_grid = F.interpolate(patch_grid, size=(grid_height, grid_width), mode="bicubic", align_corners=False)
+        return torch.cat([class_embedding, patch_grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torchvision's forward, minus its check that the input is image_size and with a resized position embedding
+        n, _, height, width = x.shape
+        _check_patch_divides(height, self.patch_size)
+        _check_patch_divides(width, self.patch_size)
+        patches = self.conv_proj(x).flatten(2).transpose(1, 2)  # N x patches x hidden_dim
+        tokens = torch.cat([self.class_token.expand(n, -1, -1), patches], dim=1)
+        tokens = tokens + self.position_embedding(height // self.patch_size, width // self.patch_size)
+        encoder = self.encoder
+        return encoder.ln(encoder.layers(encoder.dropout(tokens)))[:, 0]
+
+
+def _cifar_regnet(build_torchvision_regnet: Callable[..., nn.Module], config: ModelConfig) -> nn.Module:
+    """A torchvision RegNet (untrained) with the CIFAR stem and no fc: returns its pooled trunk features."""
+    model = build_torchvision_regnet(weights=None)
+    # The stem's 3x3 conv at stride 1, so 32 px images keep their resolution into the first stage.
+    model.stem[0].stride = (1, 1)
+    model.out_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    if config.zero_init_residual:
+        zero_init_residual_branches(model)
+    return model
+
+
+Builder = Callable[[ModelConfig, int], nn.Module]  # (model config, image side in pixels) -> backbone with out_dim
+
+
+def _resnet(block: type[BasicBlock | Bottleneck], blocks_per_stage: list[int]) -> Builder:
+    return lambda config, image_size: CifarResNet(block, blocks_per_stage, config.width, config.zero_init_residual)
+
+
+def _vit(hidden_dim: int, num_layers: int, num_heads: int, mlp_dim: int) -> Builder:
+    return lambda config, image_size: SmallImageViT(
+        image_size, config.patch_size, num_layers, num_heads, hidden_dim, mlp_dim
+    )
+
+
+def _regnet(build_torchvision_regnet: Callable[..., nn.Module]) -> Builder:
+    return lambda config, image_size: _cifar_regnet(build_torchvision_regnet, config)
+
+
+# Backbone name (config.BACKBONES) -> its builder.
+BACKBONE_BUILDERS: dict[str, Builder] = {
+    "small_cnn": lambda config, image_size: SmallCNN(config.width),
+    "resnet18": _resnet(BasicBlock, [2, 2, 2, 2]),
+    "resnet50": _resnet(Bottleneck, [3, 4, 6, 3]),
+    "vit_tiny": _vit(hidden_dim=192, num_layers=12, num_heads=3, mlp_dim=768),
+    "vit_small": _vit(hidden_dim=384, num_layers=12, num_heads=6, mlp_dim=1536),
+    "regnet_y_400mf": _regnet(regnet_y_400mf),
+    "regnet_y_1_6gf": _regnet(regnet_y_1_6gf),
+}
+
+
+def build_backbone(config: ModelConfig, image_size: int = 32) -> nn.Module:
+    return BACKBONE_BUILDERS[config.backbone](config, image_size)
 
 
 class Encoder(nn.Module):
-    """Normalisation + backbone: float images in [0, 1] -> features."""
+    """Normalisation + backbone: float images in [0, 1] -> features.
 
-    def __init__(self, config: ModelConfig, mean: list[float], std: list[float]):
+    `image_size` (the images' side) matters only to the ViTs, which size their positional embedding by it.
+    """
+
+    def __init__(self, config: ModelConfig, mean: list[float], std: list[float], image_size: int = 32):
         super().__init__()
         self.config = config
-        self.backbone = BACKBONE_CLASSES[config.backbone](config.width)
+        self.image_size = image_size
+        self.backbone = build_backbone(config, image_size)
         self.feature_dim = self.backbone.out_dim
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).clamp(min=1e-3).view(1, 3, 1, 1))
@@ -104,7 +229,8 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
     try:
         saved = torch.load(path, map_location=map_location, weights_only=True)
         state = saved["state_dict"]
-        encoder = Encoder(ModelConfig(**saved["model"]), mean=[0.0] * 3, std=[1.0] * 3)
+        config = ModelConfig(**saved["model"])
+        encoder = Encoder(config, mean=[0.0] * 3, std=[1.0] * 3, image_size=saved["image_size"][0])
         encoder.load_state_dict(state)
     except FileNotFoundError:
         raise FileNotFoundError(f"no encoder at {path}: run `dvc repro pretrain` first") from None

@@ -22,9 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from selfsup.config import MethodConfig, ModelConfig, TrainConfig, ViewConfig
 from selfsup.data.views import view_generator
-from selfsup.errors import CheckpointError, ConfigError, NonFiniteLossError
-from selfsup.methods import NUM_VIEWS, build_method
+from selfsup.errors import CheckpointError, CollapseError, ConfigError, NonFiniteLossError
+from selfsup.methods import TrainingProgress, build_method, method_views
 from selfsup.models import Encoder
+from selfsup.train.collapse import effective_rank, embedding_std
 from selfsup.train.optim import build_optimizer, set_lr, warmup_cosine
 from selfsup.train.step import TrainStep
 
@@ -41,6 +42,7 @@ class PretrainSpec:
     train: TrainConfig
     mean: list[float]
     std: list[float]
+    image_size: int = 32  # the images' side: ViTs size their positional embedding by it, local crops scale to it
 
 
 class Session(Protocol):
@@ -90,7 +92,19 @@ def load_checkpoint(path: str | Path) -> dict:
 def build_model(spec: PretrainSpec) -> nn.Module:
     """The method module (encoder + heads), initialised from train.seed: identical on every worker."""
     torch.manual_seed(spec.train.seed)
-    return build_method(Encoder(spec.model, spec.mean, spec.std), spec.method)
+    return build_method(Encoder(spec.model, spec.mean, spec.std, image_size=spec.image_size), spec.method)
+
+
+def single_process_step(spec: PretrainSpec, device: torch.device) -> TrainStep:
+    """A fresh method, optimiser and step in one process: what a worker builds, without DDP (benchmarks)."""
+    method = build_model(spec).to(device)
+    views = method_views(spec.method, spec.views, spec.image_size)
+    return TrainStep(method, build_optimizer(method, spec.train), views, spec.train, device)
+
+
+def _advice(method: nn.Module) -> str:
+    """The method's own knobs to try, as it words them."""
+    return getattr(method, "advice", "see the method's knobs under method." + method.name)
 
 
 def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict:
@@ -123,11 +137,16 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
         method.to(memory_format=torch.channels_last)  # before DDP builds its gradient buckets
     model = method
     if session.world_size > 1:
-        if device.type == "cuda":  # BatchNorm over the global batch, as one worker would see it
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(model)
-    step = TrainStep(model, optimizer, spec.views, NUM_VIEWS[spec.method.name], train, device)
+        # BatchNorm over the global batch, as one worker would see it: else each worker's statistics
+        # leak which images share its batch (SimCLR's local-BN problem). SyncBatchNorm is CUDA-only, so
+        # CPU workers still normalise per worker (open: a gloo BatchNorm with global statistics).
+        if device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        model = DistributedDataParallel(method)
+    views = method_views(spec.method, spec.views, images.shape[1])
+    step = TrainStep(model, optimizer, views, train, device, method=method)
     data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
+    low_std_epochs = 0  # consecutive epochs whose embeddings looked collapsed
 
     total_steps, warmup_steps = train.epochs * steps_per_epoch, train.warmup_epochs * steps_per_epoch
     for epoch in range(start_epoch, train.epochs):
@@ -135,21 +154,31 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
         shard = order[session.rank :: session.world_size].to(device)
         generator = view_generator(train.seed, epoch, session.rank, device)
-        started, loss_sum = time.perf_counter(), torch.zeros((), device=device)
+        started, sums = time.perf_counter(), torch.zeros(2, device=device)  # loss, embedding std
         for i in range(steps_per_epoch):
-            lr = warmup_cosine(epoch * steps_per_epoch + i, total_steps, warmup_steps, train.lr)
+            progress = TrainingProgress(epoch * steps_per_epoch + i, total_steps, steps_per_epoch)
+            lr = warmup_cosine(progress.step, total_steps, warmup_steps, train.lr)
             set_lr(optimizer, lr)
-            loss_sum += step(data[shard[i * local_batch : (i + 1) * local_batch]], generator)
-        if session.world_size > 1:  # every rank sees the global mean, so all stop together on a NaN
-            torch.distributed.all_reduce(loss_sum)
-            loss_sum /= session.world_size
-        loss = loss_sum.item() / steps_per_epoch  # one device sync per epoch, not per step
+            loss, embeddings = step(data[shard[i * local_batch : (i + 1) * local_batch]], generator, progress)
+            sums[0] += loss
+            sums[1] += embedding_std(embeddings)
+        if session.world_size > 1:  # every rank sees the global means, so all stop together
+            torch.distributed.all_reduce(sums)
+            sums /= session.world_size
+        loss, std = (sums / steps_per_epoch).tolist()  # one device sync per epoch, not per step
         seconds = time.perf_counter() - started
+        kept = f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else "no checkpoint was written yet"
         if not math.isfinite(loss):
-            kept = f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else "no checkpoint was written yet"
             raise NonFiniteLossError(
-                f"the loss became {loss} in epoch {epoch + 1}; {kept}. "
-                f"Lower train.lr (now {train.lr}) or raise method.temperature (now {spec.method.temperature})"
+                f"the loss became {loss} in epoch {epoch + 1}; {kept}. Lower train.lr (now {train.lr}); "
+                f"{_advice(method)}"
+            )
+        low_std_epochs = low_std_epochs + 1 if std < train.collapse_std else 0
+        if low_std_epochs >= train.collapse_patience:
+            raise CollapseError(
+                f"{spec.method.name} collapsed: the embeddings' std stayed below train.collapse_std="
+                f"{train.collapse_std} for {low_std_epochs} epochs (now {std:.3f}, epoch {epoch + 1}); {kept}. "
+                f"Lower train.lr (now {train.lr}) or raise train.warmup_epochs; {_advice(method)}"
             )
         metrics = {
             "epoch": epoch + 1,
@@ -157,15 +186,20 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
             "lr": round(lr, 8),
             "images_per_s": round(steps_per_epoch * train.batch_size / seconds, 1),
             "epoch_s": round(seconds, 3),
+            "embedding_std": round(std, 4),
+            "effective_rank": round(effective_rank(embeddings), 2),  # of the epoch's last batch
         }
         history.append(metrics)
         if session.rank == 0:
             print(
                 f"epoch {epoch + 1:>3}/{train.epochs}  loss {loss:.4f}  lr {lr:.4g}  "
+                f"std {std:.2f}  rank {metrics['effective_rank']:.1f}  "
                 f"{metrics['images_per_s']:,.0f} img/s  {seconds:.1f} s",
                 flush=True,
             )
-        if (epoch + 1) % train.checkpoint_every == 0 or epoch + 1 == train.epochs:
+        last = epoch + 1 == train.epochs
+        # A checkpoint is written only while the embeddings look healthy, so the one a collapse keeps is good.
+        if ((epoch + 1) % train.checkpoint_every == 0 and not low_std_epochs) or last:
             # Only at checkpoints: each Ray report waits for the controller's poll (every 2 s), a
             # cost per call that per-epoch reports would pay on every short epoch. Every rank
             # reports (Ray's report is a barrier); rank 0 alone carries the state.

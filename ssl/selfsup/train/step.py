@@ -1,4 +1,4 @@
-"""The training step that `pretrain` runs: views on the device, forward, backward, update.
+"""The training step that `pretrain` runs: views on the device, forward, backward, update, the method's hooks.
 
 Deliberately free of Ray, MLflow and DVC, so that it can be benchmarked (and used) on a machine that
 has only PyTorch.
@@ -11,24 +11,32 @@ import contextlib
 import torch
 from torch import nn
 
-from selfsup.config import TrainConfig, ViewConfig
-from selfsup.data.views import make_view
+from selfsup.config import TrainConfig
+from selfsup.data.views import ViewSpec, make_views
+from selfsup.methods import TrainingProgress
+from selfsup.models import Encoder
 
 
 class TrainStep:
-    """Callable `(uint8 N x H x W x 3 batch on device, generator) -> detached loss`."""
+    """Callable `(uint8 N x H x W x 3 batch on device, generator, progress) -> (loss, embeddings)`, detached.
+
+    `model` is what runs forward (the method, or DDP around it); `method` is the method itself, whose
+    hooks run around the optimiser step.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        views: ViewConfig,
-        num_views: int,
+        views: list[ViewSpec],
         train: TrainConfig,
         device: torch.device,
+        method: nn.Module | None = None,
     ):
-        self.optimizer = optimizer
-        self.views, self.num_views = views, num_views
+        self.model, self.optimizer, self.views = model, optimizer, views
+        method = method or model
+        self.after_backward = getattr(method, "after_backward", None)
+        self.after_step = getattr(method, "after_step", None)
         cuda = device.type == "cuda"
         self.channels_last = cuda  # faster convolutions on tensor cores; no gain on CPU
         if cuda:
@@ -40,18 +48,29 @@ class TrainStep:
             if cuda and train.precision == "bf16"
             else contextlib.nullcontext()
         )
-        self.forward = torch.compile(model) if train.compile else model
+        if train.compile:
+            # The encoders (the student's and any EMA copy) hold nearly all the compute; compiling them in
+            # place keeps every method's Python (queues, Sinkhorn, collectives) eager and the weights' names.
+            for module in method.modules():
+                if isinstance(module, Encoder):
+                    module.compile()
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.update([make_view(images, self.views, generator) for _ in range(self.num_views)])
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, progress: TrainingProgress
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.update(make_views(images, self.views, generator), progress)
 
-    def update(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def update(self, views: list[torch.Tensor], progress: TrainingProgress) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward and optimiser step on views made elsewhere (benchmarks feed it directly)."""
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with self.autocast:
-            loss = self.forward(views)
+            loss, embeddings = self.model(views)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.after_backward:
+            self.after_backward(progress)
         self.optimizer.step()
-        return loss.detach()
+        if self.after_step:
+            self.after_step(progress)
+        return loss.detach(), embeddings

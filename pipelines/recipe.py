@@ -1,0 +1,76 @@
+"""Print a method's recipe as `dvc exp run` flags: `dvc exp run $(python -m pipelines.recipe cifar10 byol)`.
+
+A recipe file (recipes/<name>.yaml) holds a `common` section and one section per method, each in
+params.yaml's shape. The flags are checked against params.yaml before they are printed, so a bad
+recipe fails here, not in the middle of an experiment. Later `-S` flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import yaml
+
+from pipelines.common import ROOT, read_params, run_stage
+from selfsup.config import load_params
+from selfsup.errors import ConfigError
+
+RECIPES = ROOT / "recipes"
+
+
+def recipe_overrides(recipe: str, method: str) -> dict[str, object]:
+    """The recipe's values for a method as dotted keys, common ones first."""
+    path = RECIPES / f"{recipe}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise ConfigError(f"no recipe {recipe!r} in {RECIPES}; known: {known}")
+    sections = yaml.safe_load(path.read_text())
+    if method not in sections:
+        known = ", ".join(name for name in sections if name != "common")
+        raise ConfigError(f"recipe {recipe!r} has no method {method!r}; it has: {known}")
+    flat: dict[str, object] = {}
+    for section in (sections.get("common", {}), sections[method]):
+        _flatten(section, "", flat)
+    return flat
+
+
+def _flatten(node: dict, prefix: str, into: dict[str, object]) -> None:
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _flatten(value, f"{prefix}{key}.", into)
+        else:
+            into[f"{prefix}{key}"] = value
+
+
+def apply(raw: dict, overrides: dict[str, object]) -> dict:
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return raw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="a file in recipes/, without .yaml (e.g. cifar10)")
+    parser.add_argument("method", help="a method the recipe has (e.g. byol)")
+    args = parser.parse_args()
+    overrides = recipe_overrides(args.recipe, args.method)
+    current = read_params().model_dump(mode="json")
+    current["data"]["root"] = current["data"]["root"] or "ROOT"  # the user passes data.root after the recipe
+    load_params(apply(current, overrides))  # a bad recipe fails here, naming the key
+    print(" ".join(f"-S {key}={_yaml_value(value)}" for key, value in overrides.items()))
+
+
+def _yaml_value(value: object) -> str:
+    """A value as `-S` parses it (YAML), with no spaces, so that `$(...)` keeps each flag one word."""
+    if isinstance(value, str) and yaml.safe_load(value) == value and value.isidentifier():
+        return value
+    return json.dumps(value, separators=(",", ":"))  # JSON is YAML
+
+
+if __name__ == "__main__":
+    run_stage(main)

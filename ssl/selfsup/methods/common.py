@@ -1,0 +1,72 @@
+"""What methods share: training progress, the views they declare, and forwarding views grouped by size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from selfsup.config import ViewConfig
+from selfsup.data.views import ViewSpec
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where training stands at an optimiser step; the loop hands it to the methods' hooks."""
+
+    step: int  # this step's index, from 0
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def fraction(self) -> float:
+        """Steps done after this one, over all steps: momentum schedules run from 0 to 1 on it."""
+        return (self.step + 1) / self.total_steps
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done before this step, fractional."""
+        return self.step / self.steps_per_epoch
+
+
+def two_views(knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
+    """Two views made alike (SimCLR, MoCo, SimSiam, SwAV without multi-crop)."""
+    return [ViewSpec(views), ViewSpec(views)]
+
+
+def asymmetric_views(views: ViewConfig) -> list[ViewSpec]:
+    """BYOL's pair (also Barlow Twins' and DINO's global crops): the first view is always blurred and
+    never solarised, the second rarely blurred and solarised. Blur or solarize off in `views` stays off."""
+    first = views.model_copy(update={"blur_prob": 1.0 if views.blur_prob else 0.0, "solarize_prob": 0.0})
+    second = views.model_copy(update={"blur_prob": 0.1 if views.blur_prob else 0.0})
+    return [ViewSpec(first), ViewSpec(second)]
+
+
+def with_local_views(
+    global_views: list[ViewSpec],
+    views: ViewConfig,
+    image_size: int,
+    count: int,
+    size_fraction: float,
+    crop_scale: tuple[float, float],
+) -> list[ViewSpec]:
+    """Multi-crop (SwAV, DINO): the global views, then `count` small crops of a smaller area range,
+    each `size_fraction` of the image side (18 px at 32 px for 0.5625)."""
+    local = ViewSpec(
+        views.model_copy(update={"crop_scale": crop_scale}), size=max(1, round(size_fraction * image_size))
+    )
+    return global_views + [local] * count
+
+
+def forward_by_size(module: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run module on the views, one pass per run of equal-sized views (as DINO's MultiCropWrapper), so
+    views of a size share BatchNorm statistics; returns one output per view."""
+    outputs, start = [], 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape == views[start].shape:
+            end += 1
+        outputs += module(torch.cat(views[start:end])).chunk(end - start)
+        start = end
+    return outputs

@@ -1,0 +1,79 @@
+"""MoCo v2 (Chen et al., 2020): a momentum key encoder, a queue of negatives, InfoNCE, an MLP head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from selfsup.config import MethodKnobs
+from selfsup.distributed import all_gather
+from selfsup.methods.common import TrainingProgress, two_views
+from selfsup.models.ema import EMATeacher, cosine_momentum
+from selfsup.models.heads import mlp
+
+
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each query against its key (the positive, logit 0) and the queued negatives."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    positive = (q * k).sum(1, keepdim=True)
+    logits = torch.cat([positive, q @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+class MoCo(nn.Module):
+    name = "moco"
+    min_batch = 1  # negatives come from the queue
+
+    # What to change on a NaN loss or a collapse.
+    advice = "raise method.moco.temperature or method.moco.momentum"
+
+    class Knobs(MethodKnobs):
+        temperature: float = Field(default=0.1, gt=0)  # MoCo's CIFAR demo (v2 on ImageNet: 0.2)
+        queue_size: int = Field(default=4096, ge=1)  # negatives kept, the oldest replaced first
+        momentum: float = Field(default=0.99, ge=0, le=1)  # key encoder's EMA, cosine to 1
+        projection_hidden_dim: int = Field(default=2048, ge=1)
+        projection_dim: int = Field(default=128, ge=1)
+        symmetric: bool = True  # both views query (MoCo's CIFAR demo: +3 points of kNN)
+
+    views = staticmethod(two_views)
+
+    def __init__(self, encoder: nn.Module, knobs: Knobs):
+        super().__init__()
+        self.encoder, self.knobs = encoder, knobs
+        # MoCo v2's head has no BatchNorm.
+        self.projector = mlp(encoder.feature_dim, knobs.projection_hidden_dim, knobs.projection_dim, batch_norm=False)
+        self.teacher = EMATeacher(self.encoder, self.projector)
+        self.register_buffer("queue", F.normalize(torch.randn(knobs.queue_size, knobs.projection_dim), dim=1))
+        self.register_buffer("queue_end", torch.zeros((), dtype=torch.long))  # where the next key goes
+        self._keys: torch.Tensor | None = None  # this step's keys, queued after the optimiser step
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = views
+        q1 = self.projector(self.encoder(x1)).float()
+        k2 = self.teacher(x2).float()
+        with torch.autocast(q1.device.type, enabled=False):
+            loss = info_nce_loss(q1, k2, self.queue, self.knobs.temperature)
+            keys = [k2]
+            if self.knobs.symmetric:
+                q2, k1 = self.projector(self.encoder(x2)).float(), self.teacher(x1).float()
+                loss = (loss + info_nce_loss(q2, k1, self.queue, self.knobs.temperature)) / 2
+                keys.append(k1)
+        self._keys = F.normalize(torch.cat(keys), dim=1)
+        return loss, q1.detach()
+
+    @torch.no_grad()
+    def after_step(self, progress: TrainingProgress) -> None:
+        self.teacher.update(
+            self.encoder, self.projector, momentum=cosine_momentum(self.knobs.momentum, progress.fraction)
+        )
+        self.enqueue(all_gather(self._keys))  # every worker queues every worker's keys: one shared queue
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """First in, first out: the keys overwrite the oldest entries, wrapping around the end."""
+        keys = keys[-len(self.queue) :]
+        slots = (self.queue_end + torch.arange(len(keys), device=keys.device)) % len(self.queue)
+        self.queue[slots] = keys.to(self.queue.dtype)
+        self.queue_end.copy_((self.queue_end + len(keys)) % len(self.queue))

@@ -1,0 +1,26 @@
+"""Collapse statistics of a batch of embeddings, watched every epoch while a method trains."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def embedding_std(z: torch.Tensor) -> float:
+    """Mean per-dimension std of the L2-normalised embeddings, times sqrt(dim): about 1 when they spread
+    over the sphere, 0 when every image maps to one point (the SimSiam paper's collapse measure)."""
+    normalized = F.normalize(z.float(), dim=1)
+    return float(normalized.std(0).mean() * math.sqrt(z.shape[1]))
+
+
+@torch.no_grad()
+def effective_rank(z: torch.Tensor) -> float:
+    """exp of the entropy of the normalised singular values (Roy & Vetterli, 2007; RankMe): how many
+    dimensions the embeddings really use, from 1 (collapsed to a line or point) to min(N, dim)."""
+    singular = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
+    p = singular / singular.sum().clamp(min=1e-12)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
