@@ -55,22 +55,22 @@ class GlobalBatchNorm(_BatchNorm):
         return self._global_forward(input)
 
     def _global_forward(self, input: torch.Tensor) -> torch.Tensor:
-        # Two reductions: the mean, then the mean squared deviation from it. The one-pass E[x^2] - E[x]^2
-        # cancels catastrophically in float32 when the mean is large against the spread; two passes stay
-        # exact in float32 with no float64 copy of the activations kept for backward, for one more
-        # all-reduce of C numbers per layer, cheap next to the layer's own compute. The reduced vectors
-        # (C sums and the count) travel as float64, which keeps the count exact for any batch.
+        # Statistics in float32, by two reductions: the mean, then the mean squared deviation from it. The
+        # one-pass E[x^2] - E[x]^2 cancels catastrophically in float32 when the mean is large against the
+        # spread, and would need a float64 copy of the activations (kept for backward) to avoid it; two passes
+        # cost one more all-reduce of C numbers per layer instead, cheap next to the layer's own compute.
+        # The per-channel sums accumulate in float64 and travel as float64 with the count, kept exact.
         x = input.float()
         reduce_dims = [0, *range(2, x.dim())]  # all but the channel dimension
         channel_shape = (1, -1) + (1,) * (x.dim() - 2)
         local_count = x.new_tensor([x.numel() // x.size(1)], dtype=torch.float64)
-        sums_and_count = _AllReduceSum.apply(torch.cat([x.sum(reduce_dims).double(), local_count]))
+        sums_and_count = _AllReduceSum.apply(torch.cat([x.sum(reduce_dims, dtype=torch.float64), local_count]))
         count = sums_and_count[-1]
         if count.item() <= 1:
             raise ValueError(f"expected more than 1 value per channel when training (got {int(count.item())})")
         mean = (sums_and_count[:-1] / count).float()
         centered = x - mean.view(channel_shape)
-        var = (_AllReduceSum.apply(centered.square().sum(reduce_dims).double()) / count).float()  # biased
+        var = (_AllReduceSum.apply(centered.square().sum(reduce_dims, dtype=torch.float64)) / count).float()  # biased
         output = centered * torch.rsqrt(var + self.eps).view(channel_shape)
         if self.affine:
             output = output * self.weight.view(channel_shape) + self.bias.view(channel_shape)
@@ -109,4 +109,3 @@ def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         converted.add_module(name, convert_to_global_batchnorm(child))
     return converted
-

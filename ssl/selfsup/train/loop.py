@@ -25,6 +25,7 @@ from selfsup.data.views import view_generator
 from selfsup.errors import CheckpointError, CollapseError, ConfigError, NonFiniteLossError
 from selfsup.methods import TrainingProgress, build_method, method_views
 from selfsup.models import Encoder
+from selfsup.models.batchnorm import convert_to_global_batchnorm
 from selfsup.train.collapse import effective_rank, embedding_std
 from selfsup.train.optim import build_optimizer, set_lr, warmup_cosine
 from selfsup.train.step import TrainStep
@@ -138,10 +139,11 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
     model = method
     if session.world_size > 1:
         # BatchNorm over the global batch, as one worker would see it: else each worker's statistics
-        # leak which images share its batch (SimCLR's local-BN problem). SyncBatchNorm is CUDA-only, so
-        # CPU workers still normalise per worker (open: a gloo BatchNorm with global statistics).
+        # leak which images share its batch (SimCLR's local-BN problem). SyncBatchNorm is CUDA-only.
         if device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        else:
+            convert_to_global_batchnorm(method)
         model = DistributedDataParallel(method)
     views = method_views(spec.method, spec.views, images.shape[1])
     step = TrainStep(model, optimizer, views, train, device, method=method)

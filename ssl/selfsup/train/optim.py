@@ -10,15 +10,41 @@ from torch import nn
 from selfsup.config import TrainConfig
 
 
+def _decay_split(parameters: list[nn.Parameter], config: TrainConfig, **extra) -> list[dict]:
+    """A group of weights (weight decay; LARS-adapted) and one of biases and norm parameters (neither)."""
+    weights = [p for p in parameters if p.ndim > 1]
+    biases_and_norms = [p for p in parameters if p.ndim <= 1]
+    lars = config.optimizer == "lars"
+    # timm's Lars adapts only groups with weight decay unless always_adapt: set it per group so that the
+    # weights stay adapted even with train.weight_decay 0, and biases and norms never are (solo-learn's
+    # exclude_bias_n_norm).
+    adapt, no_adapt = ({"always_adapt": True}, {"always_adapt": False}) if lars else ({}, {})
+    return [
+        {"params": weights, "weight_decay": config.weight_decay, **adapt, **extra},
+        {"params": biases_and_norms, "weight_decay": 0.0, **no_adapt, **extra},
+    ]
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW; biases and norm weights get no weight decay, as is usual for SSL."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD (momentum), AdamW or LARS; biases and norm weights get no weight decay (nor LARS adaptation), as is
+    usual for SSL. Parameters the model keeps at a fixed learning rate (its `fixed_lr_parameters()`, if it has
+    one) get groups of their own, marked "fixed_lr", which `set_lr` leaves at train.lr."""
+    fixed_lr_parameters = getattr(model, "fixed_lr_parameters", None)
+    fixed_ids = {id(p) for p in fixed_lr_parameters()} if fixed_lr_parameters else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    scheduled = [p for p in trainable if id(p) not in fixed_ids]
+    fixed = [p for p in trainable if id(p) in fixed_ids]
+    groups = _decay_split(scheduled, config)  # always both groups: the layout older checkpoints have
+    groups += [group for group in _decay_split(fixed, config, fixed_lr=True) if group["params"]]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
+    if config.optimizer == "lars":
+        from timm.optim import Lars  # here: importing timm takes seconds (it loads its model zoo)
+
+        # trust_clip: the adapted LR never exceeds the scheduled one (LARC clipping, solo-learn's clip_lr).
+        return Lars(
+            groups, lr=config.lr, momentum=config.momentum, trust_coeff=config.lars_trust_coefficient, trust_clip=True
+        )
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
@@ -31,5 +57,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every group's LR but the fixed-LR groups', which keep the base LR they were built with."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if not group.get("fixed_lr", False):
+            group["lr"] = lr
