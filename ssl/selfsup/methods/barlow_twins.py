@@ -8,15 +8,14 @@ from torch import nn
 
 from selfsup.config import MethodKnobs, ViewConfig
 from selfsup.data.views import ViewSpec
-from selfsup.distributed import all_reduce_with_grad
+from selfsup.distributed import all_reduce_sum, all_reduce_with_grad
 from selfsup.methods.common import asymmetric_views
 from selfsup.models.heads import mlp
 
 
-def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Each dimension to zero mean and unit variance over the global batch (an affine-free BatchNorm
-    whose statistics include every worker's images, with gradients through them)."""
-    count = all_reduce_with_grad(torch.tensor([float(len(z))], device=z.device))
+def standardize(z: torch.Tensor, count: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each dimension to zero mean and unit variance over the global batch of `count` images (an
+    affine-free BatchNorm whose statistics include every worker's images, with gradients through them)."""
     mean = all_reduce_with_grad(z.sum(0)) / count
     variance = all_reduce_with_grad(((z - mean) ** 2).sum(0)) / count
     return (z - mean) / torch.sqrt(variance + eps)
@@ -24,8 +23,8 @@ def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiagonal: float) -> torch.Tensor:
     """sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2, C the cross-correlation over the global batch."""
-    n = all_reduce_with_grad(torch.tensor([float(len(z1))], device=z1.device))
-    c = all_reduce_with_grad(standardize(z1).T @ standardize(z2)) / n  # divided by the global count
+    n = all_reduce_sum(torch.tensor([float(len(z1))], device=z1.device))  # the global batch, counted once
+    c = all_reduce_with_grad(standardize(z1, n).T @ standardize(z2, n)) / n  # divided by the global count
     on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
     off_diagonal = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
     return on_diagonal + lambda_offdiagonal * off_diagonal

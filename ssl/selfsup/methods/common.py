@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from selfsup.config import ViewConfig
 from selfsup.data.views import ViewSpec
@@ -70,3 +71,17 @@ def forward_by_size(module: Callable[[torch.Tensor], torch.Tensor], views: list[
         outputs += module(torch.cat(views[start:end])).chunk(end - start)
         start = end
     return outputs
+
+
+def cross_view_cross_entropy(
+    targets: list[torch.Tensor], scores: list[torch.Tensor], temperature: float
+) -> torch.Tensor:
+    """Mean over pairs (target view a, other view v != a) of -sum_k target_a,k log softmax(scores_v / T)_k:
+    SwAV's swapped prediction (targets: codes) and DINO's loss (targets: the teacher's softmax)."""
+    terms = [
+        -(target * F.log_softmax(view_scores / temperature, dim=1)).sum(1).mean()
+        for a, target in enumerate(targets)
+        for v, view_scores in enumerate(scores)
+        if v != a
+    ]
+    return sum(terms) / len(terms)

@@ -10,7 +10,13 @@ from torch import nn
 from selfsup.config import CropScale, MethodKnobs, ViewConfig
 from selfsup.data.views import ViewSpec
 from selfsup.distributed import all_reduce_sum
-from selfsup.methods.common import TrainingProgress, asymmetric_views, forward_by_size, with_local_views
+from selfsup.methods.common import (
+    TrainingProgress,
+    asymmetric_views,
+    cross_view_cross_entropy,
+    forward_by_size,
+    with_local_views,
+)
 from selfsup.models.ema import EMATeacher, cosine_momentum
 from selfsup.models.heads import mlp
 
@@ -37,13 +43,7 @@ def dino_loss(
     """Cross-entropy of the teacher's centred, sharpened softmax (global crops) and the student's softmax
     (every crop), over every pair of different crops."""
     targets = [F.softmax((t - center) / teacher_t, dim=1) for t in teacher]
-    terms = [
-        -(target * F.log_softmax(s / student_t, dim=1)).sum(1).mean()
-        for i, target in enumerate(targets)
-        for v, s in enumerate(student)
-        if v != i
-    ]
-    return sum(terms) / len(terms)
+    return cross_view_cross_entropy(targets, student, student_t)
 
 
 class DINO(nn.Module):

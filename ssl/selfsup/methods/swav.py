@@ -10,7 +10,13 @@ from torch import nn
 from selfsup.config import CropScale, MethodKnobs, ViewConfig
 from selfsup.data.views import ViewSpec
 from selfsup.distributed import all_reduce_sum
-from selfsup.methods.common import TrainingProgress, forward_by_size, two_views, with_local_views
+from selfsup.methods.common import (
+    TrainingProgress,
+    cross_view_cross_entropy,
+    forward_by_size,
+    two_views,
+    with_local_views,
+)
 from selfsup.models.heads import mlp
 
 
@@ -30,13 +36,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
 
 def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """Each assignment view's codes are predicted from every other view's scores; mean over the pairs."""
-    terms = [
-        -(code * F.log_softmax(view_scores / temperature, dim=1)).sum(1).mean()
-        for a, code in enumerate(codes)
-        for v, view_scores in enumerate(scores)
-        if v != a
-    ]
-    return sum(terms) / len(terms)
+    return cross_view_cross_entropy(codes, scores, temperature)
 
 
 class SwAV(nn.Module):

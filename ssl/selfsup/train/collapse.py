@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def embedding_std(z: torch.Tensor) -> float:
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of the L2-normalised embeddings, times sqrt(dim): about 1 when they spread
-    over the sphere, 0 when every image maps to one point (the SimSiam paper's collapse measure)."""
+    over the sphere, 0 when every image maps to one point (the SimSiam paper's collapse measure).
+    A 0-d tensor on z's device: the loop sums it every step and reads it once per epoch."""
     normalized = F.normalize(z.float(), dim=1)
-    return float(normalized.std(0).mean() * math.sqrt(z.shape[1]))
+    return normalized.std(0).mean() * math.sqrt(z.shape[1])
 
 
 @torch.no_grad()
