@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfsup.config import DataConfig, Params, ScalingConfig, ViewConfig, load_params
+from selfsup.config import ADAMW_LR, DataConfig, Params, ScalingConfig, ViewConfig, learning_rate, load_params
 from selfsup.errors import ConfigError
 from selfsup.methods import METHODS
 
@@ -174,6 +174,26 @@ def test_a_method_section_can_be_left_out() -> None:
     del raw["method"]["byol"]
     raw["method"]["name"] = "byol"
     assert load_params(raw).method.knobs == METHODS["byol"].Knobs()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_auto_lr_is_the_methods_own_scaled_linearly_with_the_batch(method: str) -> None:
+    params = load_params({"method": {"name": method}, "train": {"batch_size": 512}})
+    assert params.train.lr == "auto"
+    assert learning_rate(params.train, params.method) == pytest.approx(METHODS[method].lr * 2)
+    adamw = load_params({"method": {"name": method}, "train": {"batch_size": 128, "optimizer": "adamw"}})
+    assert learning_rate(adamw.train, adamw.method) == pytest.approx(ADAMW_LR / 2)
+
+
+def test_a_number_for_lr_is_used_as_it_is_whatever_the_method_and_batch() -> None:
+    params = load_params({"method": {"name": "moco"}, "train": {"batch_size": 64, "lr": 0.7}})
+    assert learning_rate(params.train, params.method) == 0.7
+
+
+@pytest.mark.parametrize("bad", ["fast", 0, -0.1, float("inf"), True])
+def test_lr_must_be_positive_or_auto(bad) -> None:
+    with pytest.raises(ConfigError, match=r'train.lr=.* is invalid: must be a number > 0, or "auto"'):
+        load_params({"train": {"lr": bad}})
 
 
 def test_config_error_is_a_value_error() -> None:

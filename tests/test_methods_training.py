@@ -36,10 +36,6 @@ def digits(tmp_path_factory):
     return load_split(folder, "train", with_labels=False)[:512], manifest
 
 
-# MoCo's head has no BatchNorm: at the default train.lr (0.3) it collapses; its CIFAR demo uses 0.06.
-SMALL_TRAIN = {"moco": {"lr": 0.06}}
-
-
 def make_spec(manifest, method: str, knobs: dict | None = None, **train) -> PretrainSpec:
     params = load_params(
         {
@@ -50,7 +46,6 @@ def make_spec(manifest, method: str, knobs: dict | None = None, **train) -> Pret
                 "batch_size": 128,
                 "checkpoint_every": 1,
                 "warmup_epochs": 1,
-                **SMALL_TRAIN.get(method, {}),
                 **train,
             },
         }

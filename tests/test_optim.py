@@ -37,6 +37,10 @@ def _config(optimizer: str = "lars", lr: float = 0.5) -> TrainConfig:
     )
 
 
+def _build(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return build_optimizer(model, config, config.lr)
+
+
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(step))
     optimizer.zero_grad()
@@ -53,7 +57,7 @@ def _trust_ratio(weight: torch.Tensor, grad: torch.Tensor) -> float:
 @pytest.mark.parametrize("lr, clipped", [(0.5, False), (1e-4, True)])
 def test_lars_steps_weights_as_computed_by_hand(lr, clipped):
     model = TinyModel()
-    optimizer = build_optimizer(model, _config(lr=lr))
+    optimizer = _build(model, _config(lr=lr))
     weight = model.linear.weight
     expected, momentum_buffer = weight.detach().clone(), None
     for step in range(2):
@@ -68,7 +72,7 @@ def test_lars_steps_weights_as_computed_by_hand(lr, clipped):
 
 def test_lars_gives_biases_and_norm_parameters_plain_sgd_momentum_steps():
     model, lr = TinyModel(), 0.5
-    optimizer = build_optimizer(model, _config(lr=lr))
+    optimizer = _build(model, _config(lr=lr))
     plain = [model.linear.bias, model.norm.weight, model.norm.bias]
     expected = [p.detach().clone() for p in plain]
     buffers = [torch.zeros_like(p) for p in plain]
@@ -83,7 +87,7 @@ def test_lars_gives_biases_and_norm_parameters_plain_sgd_momentum_steps():
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw", "lars"])
 def test_groups_split_decay_and_fixed_lr(optimizer_name):
     model = TinyModel(fixed_head=True)
-    optimizer = build_optimizer(model, _config(optimizer_name))
+    optimizer = _build(model, _config(optimizer_name))
     groups = [
         ([id(p) for p in g["params"]], g["weight_decay"], g.get("fixed_lr", False)) for g in optimizer.param_groups
     ]
@@ -98,12 +102,12 @@ def test_groups_split_decay_and_fixed_lr(optimizer_name):
 
 
 def test_without_fixed_lr_parameters_there_are_only_the_two_usual_groups():
-    assert len(build_optimizer(TinyModel(), _config()).param_groups) == 2
-    assert len(build_optimizer(nn.Linear(2, 2), _config()).param_groups) == 2  # no fixed_lr_parameters method
+    assert len(_build(TinyModel(), _config()).param_groups) == 2
+    assert len(_build(nn.Linear(2, 2), _config()).param_groups) == 2  # no fixed_lr_parameters method
 
 
 def test_set_lr_leaves_fixed_groups_at_the_base_lr():
-    optimizer = build_optimizer(TinyModel(fixed_head=True), _config(lr=0.5))
+    optimizer = _build(TinyModel(fixed_head=True), _config(lr=0.5))
     set_lr(optimizer, 0.01)
     assert [g["lr"] for g in optimizer.param_groups] == [0.01, 0.01, 0.5, 0.5]
 
@@ -115,19 +119,19 @@ def test_state_dict_round_trip_resumes_exactly(optimizer_name):
     uninterrupted = TinyModel(fixed_head=True)
     interrupted = copy.deepcopy(uninterrupted)
 
-    optimizer = build_optimizer(uninterrupted, config)
+    optimizer = _build(uninterrupted, config)
     for step in range(4):
         set_lr(optimizer, 0.5 / (step + 1))
         _train_step(uninterrupted, optimizer, step)
 
-    optimizer = build_optimizer(interrupted, config)
+    optimizer = _build(interrupted, config)
     for step in range(2):
         set_lr(optimizer, 0.5 / (step + 1))
         _train_step(interrupted, optimizer, step)
     checkpoint = copy.deepcopy({"model": interrupted.state_dict(), "optimizer": optimizer.state_dict()})
     resumed = TinyModel(fixed_head=True)
     resumed.load_state_dict(checkpoint["model"])
-    optimizer = build_optimizer(resumed, config)
+    optimizer = _build(resumed, config)
     optimizer.load_state_dict(checkpoint["optimizer"])
     for step in range(2, 4):
         set_lr(optimizer, 0.5 / (step + 1))

@@ -8,6 +8,7 @@ the key, the value and what is allowed.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     SerializeAsAny,
     ValidationError,
     create_model,
@@ -40,6 +42,14 @@ def _valid_scale(value: tuple[float, float]) -> tuple[float, float]:
     if not 0 < low <= high <= 1:
         raise ValueError("must be [low, high] with 0 < low <= high <= 1")
     return value
+
+
+def _positive_or_auto(value: Any) -> float | Literal["auto"]:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError('must be a number > 0, or "auto"')
+    return float(value)
 
 
 CropScale = Annotated[tuple[float, float], AfterValidator(_valid_scale)]  # area fractions of a random crop
@@ -136,7 +146,9 @@ class TrainConfig(_Section):
     epochs: int = Field(default=60, ge=1)
     batch_size: int = Field(default=256, ge=1)  # global: split evenly across workers
     optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
-    lr: float = Field(default=0.3, gt=0)
+    # "auto": the method's own learning rate for SGD and LARS (its `lr`, at batch 256), or 5e-4 for AdamW,
+    # scaled linearly with train.batch_size (Goyal et al., 2017). A number is used as it is.
+    lr: Annotated[float | Literal["auto"], PlainValidator(_positive_or_auto)] = "auto"
     lars_trust_coefficient: float = Field(default=0.02, gt=0)  # LARS's eta (solo-learn's CIFAR value)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
@@ -220,6 +232,17 @@ class Params(_Section):
                 f"at least {needed * workers}"
             )
         return self
+
+
+ADAMW_LR = 5e-4  # per 256 images: DINO's and most ViT recipes'
+
+
+def learning_rate(train: TrainConfig, method: MethodConfig) -> float:
+    """The peak learning rate: train.lr, or for "auto" the method's own, scaled to the batch size."""
+    if train.lr != "auto":
+        return train.lr
+    per_256_images = ADAMW_LR if train.optimizer == "adamw" else _methods()[method.name].lr
+    return per_256_images * train.batch_size / 256
 
 
 def load_params(raw: dict[str, Any] | None) -> Params:

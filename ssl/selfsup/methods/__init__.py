@@ -5,6 +5,7 @@ A method is an `nn.Module` class that declares itself once, in its own file, as 
     name        what users pick it by (`method.name`)
     Knobs       its own params with their defaults (`method.<name>` in params.yaml), validated by config
     min_batch   the smallest per-worker batch its loss is defined on
+    lr          its learning rate per 256 images for SGD and LARS, which train.lr "auto" scales
     views(knobs, views, image_size) -> list[ViewSpec]   the views its forward takes, in order
 
 and implements `forward(views) -> (loss, embeddings)`, the embeddings being what the loss compares
@@ -12,7 +13,7 @@ and implements `forward(views) -> (loss, embeddings)`, the embeddings being what
 
     after_backward(progress)   between backward and the optimiser step (freezing: drop gradients)
     after_step(progress)       after the optimiser step (EMA teacher, queue, centre)
-    fixed_lr_parameters()      parameters the learning-rate schedule leaves at train.lr
+    fixed_lr_parameters()      parameters the learning-rate schedule leaves at the peak learning rate
 """
 
 from __future__ import annotations

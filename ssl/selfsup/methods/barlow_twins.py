@@ -33,6 +33,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiagonal: fl
 class BarlowTwins(nn.Module):
     name = "barlow_twins"
     min_batch = 2  # a correlation needs two images
+    lr = 0.3  # per 256 images, for SGD and LARS (train.lr: auto)
 
     # What to change on a NaN loss or a collapse.
     advice = "lower method.barlow_twins.loss_scale"

@@ -22,6 +22,7 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class BYOL(nn.Module):
     name = "byol"
     min_batch = 2  # BatchNorm in the heads needs two images
+    lr = 0.3  # per 256 images, for SGD and LARS (train.lr: auto)
 
     # What to change on a NaN loss or a collapse.
     advice = "raise method.byol.momentum (a slower target)"

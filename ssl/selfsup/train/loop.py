@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from selfsup.config import MethodConfig, ModelConfig, TrainConfig, ViewConfig
+from selfsup.config import MethodConfig, ModelConfig, TrainConfig, ViewConfig, learning_rate
 from selfsup.data.views import view_generator
 from selfsup.errors import CheckpointError, CollapseError, ConfigError, NonFiniteLossError
 from selfsup.methods import TrainingProgress, build_method, method_views
@@ -100,7 +100,8 @@ def single_process_step(spec: PretrainSpec, device: torch.device) -> TrainStep:
     """A fresh method, optimiser and step in one process: what a worker builds, without DDP (benchmarks)."""
     method = build_model(spec).to(device)
     views = method_views(spec.method, spec.views, spec.image_size)
-    return TrainStep(method, build_optimizer(method, spec.train), views, spec.train, device)
+    optimizer = build_optimizer(method, spec.train, learning_rate(spec.train, spec.method))
+    return TrainStep(method, optimizer, views, spec.train, device)
 
 
 def _advice(method: nn.Module) -> str:
@@ -118,7 +119,8 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
             f"params.yaml: train.batch_size={train.batch_size} exceeds the {len(images)} training images; lower it"
         )
     method = build_model(spec).to(device)
-    optimizer = build_optimizer(method, train)
+    peak_lr = learning_rate(train, spec.method)
+    optimizer = build_optimizer(method, train, peak_lr)
     state = session.latest_checkpoint()
     start_epoch, history = 0, []  # epochs done and their metrics, restored on resume
     if state is not None:
@@ -159,7 +161,7 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
         started, sums = time.perf_counter(), torch.zeros(2, device=device)  # loss, embedding std
         for i in range(steps_per_epoch):
             progress = TrainingProgress(epoch * steps_per_epoch + i, total_steps, steps_per_epoch)
-            lr = warmup_cosine(progress.step, total_steps, warmup_steps, train.lr)
+            lr = warmup_cosine(progress.step, total_steps, warmup_steps, peak_lr)
             set_lr(optimizer, lr)
             loss, embeddings = step(data[shard[i * local_batch : (i + 1) * local_batch]], generator, progress)
             sums[0] += loss
@@ -172,7 +174,7 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
         kept = f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else "no checkpoint was written yet"
         if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"the loss became {loss} in epoch {epoch + 1}; {kept}. Lower train.lr (now {train.lr}); "
+                f"the loss became {loss} in epoch {epoch + 1}; {kept}. Lower train.lr (now {peak_lr:.4g}); "
                 f"{_advice(method)}"
             )
         low_std_epochs = low_std_epochs + 1 if std < train.collapse_std else 0
@@ -180,7 +182,7 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
             raise CollapseError(
                 f"{spec.method.name} collapsed: the embeddings' std stayed below train.collapse_std="
                 f"{train.collapse_std} for {low_std_epochs} epochs (now {std:.3f}, epoch {epoch + 1}); {kept}. "
-                f"Lower train.lr (now {train.lr}) or raise train.warmup_epochs; {_advice(method)}"
+                f"Lower train.lr (now {peak_lr:.4g}) or raise train.warmup_epochs; {_advice(method)}"
             )
         metrics = {
             "epoch": epoch + 1,

@@ -25,10 +25,10 @@ def _decay_split(parameters: list[nn.Parameter], config: TrainConfig, **extra) -
     ]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """SGD (momentum), AdamW or LARS; biases and norm weights get no weight decay (nor LARS adaptation), as is
     usual for SSL. Parameters the model keeps at a fixed learning rate (its `fixed_lr_parameters()`, if it has
-    one) get groups of their own, marked "fixed_lr", which `set_lr` leaves at train.lr."""
+    one) get groups of their own, marked "fixed_lr", which `set_lr` leaves at `lr`, the peak learning rate."""
     fixed_lr_parameters = getattr(model, "fixed_lr_parameters", None)
     fixed_ids = {id(p) for p in fixed_lr_parameters()} if fixed_lr_parameters else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -37,15 +37,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     groups = _decay_split(scheduled, config)  # always both groups: the layout older checkpoints have
     groups += [group for group in _decay_split(fixed, config, fixed_lr=True) if group["params"]]
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.AdamW(groups, lr=lr)
     if config.optimizer == "lars":
         from timm.optim import Lars  # here: importing timm takes seconds (it loads its model zoo)
 
         # trust_clip: the adapted LR never exceeds the scheduled one (LARC clipping, solo-learn's clip_lr).
-        return Lars(
-            groups, lr=config.lr, momentum=config.momentum, trust_coeff=config.lars_trust_coefficient, trust_clip=True
-        )
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+        return Lars(groups, lr=lr, momentum=config.momentum, trust_coeff=config.lars_trust_coefficient, trust_clip=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:

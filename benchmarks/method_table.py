@@ -1,0 +1,111 @@
+"""Every method through the pipeline on the same data and budget: kNN and linear top-1 against random init.
+
+Clones the repository (committed HEAD, or with --working-tree the files as they are now) into a
+temporary folder, applies the overrides (`--set key=value`, repeatable) to its params.yaml, then runs
+`dvc exp run eval_knn eval_linear -S method.name=NAME` there for each method, one after the other, as a
+user would. Prints a Markdown table (the README's) and writes the figures as JSON.
+
+    python benchmarks/method_table.py                                   # the embedded digits, ~15 min on 2 cores
+    python benchmarks/method_table.py --methods simclr moco --set train.epochs=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from repro_time import REPO, clone, override_params, stage_env
+
+sys.path.insert(0, str(REPO / "ssl"))
+from selfsup.config import learning_rate, load_params  # noqa: E402
+from selfsup.methods import METHODS  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (repeatable)")
+    parser.add_argument(
+        "--working-tree", action="store_true", help="copy the files as they are instead of cloning HEAD"
+    )
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "method_table.json")
+    return parser.parse_args()
+
+
+def run_method(repo: Path, env: dict[str, str], method: str) -> dict:
+    """One `dvc exp run` of the evaluations for a method; its figures as the pipeline wrote them."""
+    command = ["dvc", "exp", "run", "-n", method, "eval_knn", "eval_linear", "-S", f"method.name={method}"]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode:
+        print(result.stdout[-3000:] + result.stderr[-3000:], flush=True)
+        return {"method": method, "error": (result.stderr or result.stdout).strip().splitlines()[-1]}
+    read = lambda name: json.loads((repo / "metrics" / f"{name}.json").read_text())  # noqa: E731
+    knn, linear, pretrain = read("eval_knn"), read("eval_linear"), read("pretrain")
+    with (repo / "plots" / "pretrain.csv").open() as file:
+        last_epoch = list(csv.DictReader(file))[-1]
+    params = load_params(yaml.safe_load((repo / "params.yaml").read_text()))
+    return {
+        "method": method,
+        "lr": learning_rate(params.train, params.method),
+        "knn_top1": knn["top1"],
+        "knn_random_init": knn["baseline_top1"],
+        "linear_top1": linear["top1"],
+        "linear_random_init": linear["baseline_top1"],
+        "embedding_std": float(last_epoch["embedding_std"]),
+        "effective_rank": float(last_epoch["effective_rank"]),
+        "images_per_s": pretrain["images_per_s"],
+        "pretrain_s": pretrain["wall_s"],
+        "wall_s": round(wall, 1),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| method | lr | kNN top-1 | random init | linear top-1 | random init | std | rank | images/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['method']} | failed: {row['error']} |")
+            continue
+        percent = lambda key: f"{100 * row[key]:.2f}"  # noqa: E731
+        lines.append(
+            f"| {row['method']} | {row['lr']:.3g} | {percent('knn_top1')} | {percent('knn_random_init')} | "
+            f"{percent('linear_top1')} | {percent('linear_random_init')} | {row['embedding_std']:.2f} | "
+            f"{row['effective_rank']:.0f} | {row['images_per_s']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    source = f"the working tree (HEAD {commit[:10]} + changes)" if args.working_tree else f"HEAD {commit[:10]}"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="method-table-") as folder:
+        repo = Path(folder) / "repo"
+        clone(repo, args.working_tree)
+        override_params(repo, args.set)
+        env = stage_env(Path(folder), repo)
+        for method in args.methods:
+            print(f"{method}: dvc exp run ...", flush=True)
+            rows.append(run_method(repo, env, method))
+            print(json.dumps(rows[-1]), flush=True)
+    table = markdown(rows)
+    print(f"\n{source}, params {' '.join(args.set) or 'as committed'}\n\n{table}\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"source": source, "overrides": args.set, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
