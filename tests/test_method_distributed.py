@@ -1,19 +1,27 @@
 """The methods' cross-worker statistics over two real gloo processes equal one process holding the whole batch:
-Barlow Twins' correlation loss (value and gradients), SwAV's Sinkhorn codes, DINO's centre, MoCo's shared queue."""
+Barlow Twins' correlation loss (value and gradients), SwAV's Sinkhorn codes, DINO's centre, MoCo's shared queue;
+and every whole method's training steps."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from selfsup.config import load_params
-from selfsup.methods import TrainingProgress, build_method
+from selfsup.config import learning_rate, load_params
+from selfsup.data.views import make_views
+from selfsup.methods import METHODS, TrainingProgress, build_method, method_views
 from selfsup.methods.barlow_twins import barlow_twins_loss
 from selfsup.methods.swav import sinkhorn
+from selfsup.models.batchnorm import convert_to_global_batchnorm
+from selfsup.train.loop import PretrainSpec, build_model
+from selfsup.train.optim import build_optimizer
+from selfsup.train.step import TrainStep
 from tests.test_method_losses import SMALL_KNOBS, TinyEncoder
 
 WORLD = 2
@@ -157,17 +165,78 @@ def _moco_worker(rank: int):
     views = [torch.rand(BATCH, 3, 8, 8, generator=generator) for _ in range(2)]
     loss, _ = moco(views)
     loss.backward()
-    keys = moco._keys.clone()  # this rank's keys, queued by after_step through all_gather
+    keys = [k.clone() for k in moco._keys]  # this rank's keys per view, queued by after_step through all_gather
     moco.after_step(TrainingProgress(step=0, total_steps=10, steps_per_epoch=5))
     return initial, keys, moco.queue.clone(), int(moco.queue_end)
 
 
-def test_moco_after_step_gives_every_rank_the_same_queue_with_both_ranks_keys_in_rank_order(tmp_path):
+def test_moco_after_step_gives_every_rank_the_same_queue_with_each_views_keys_in_rank_order(tmp_path):
     results = spawn(_moco_worker, tmp_path)
     (initial0, keys0, queue0, end0), (initial1, keys1, queue1, end1) = results[0], results[1]
     assert torch.equal(initial0, initial1)
-    assert not torch.allclose(keys0, keys1)  # the ranks did see different images
-    gathered = torch.cat([keys0, keys1])  # rank 0's 2 * BATCH keys, then rank 1's
+    assert not torch.allclose(keys0[0], keys1[0])  # the ranks did see different images
+    # View by view, rank 0's BATCH keys then rank 1's: the order of one process holding both ranks' images.
+    gathered = torch.cat([torch.cat([view0, view1]) for view0, view1 in zip(keys0, keys1)])
     assert torch.equal(queue0, queue1) and end0 == end1 == len(gathered)
     torch.testing.assert_close(queue0[: len(gathered)], gathered, rtol=0, atol=0)
     torch.testing.assert_close(queue0[len(gathered) :], initial0[len(gathered) :], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- whole methods
+
+WHOLE_BATCH, STEPS = 8, 2
+
+
+def _whole_spec(name: str) -> PretrainSpec:
+    params = load_params(
+        {
+            "method": {"name": name, name: SMALL_KNOBS[name]},
+            "model": {"width": 0.25},
+            "train": {"batch_size": WHOLE_BATCH, "epochs": 2, "warmup_epochs": 0},
+        }
+    )
+    return PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 16)
+
+
+def _fixed_views(name: str) -> list[list[torch.Tensor]]:
+    """The views of STEPS batches, made once: every rank takes its half of the very views one process takes."""
+    spec, generator = _whole_spec(name), torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (STEPS, WHOLE_BATCH, 16, 16, 3), dtype=torch.uint8, generator=generator)
+    views = method_views(spec.method, spec.views, 16)
+    return [make_views(batch, views, generator) for batch in images]
+
+
+def _train_steps(name: str, views: list[list[torch.Tensor]], rank: int | None) -> tuple[list[float], dict]:
+    """STEPS optimiser steps of the whole method, as a worker of train_loop takes them (rank None: one process)."""
+    spec = _whole_spec(name)
+    method = build_model(spec)
+    model = method
+    if rank is not None:  # as train_loop does with several CPU workers
+        convert_to_global_batchnorm(method)
+        model = DistributedDataParallel(method)
+        views = [[view.chunk(WORLD)[rank] for view in batch] for batch in views]
+    optimizer = build_optimizer(method, spec.train, learning_rate(spec.train, spec.method))
+    step = TrainStep(model, optimizer, [], spec.train, torch.device("cpu"), method=method)
+    losses = [step.update(batch, TrainingProgress(i, STEPS, 1))[0].item() for i, batch in enumerate(views)]
+    return losses, {key: value.clone() for key, value in method.state_dict().items()}
+
+
+def _whole_method_worker(rank: int, name: str, views: list[list[torch.Tensor]]):
+    return _train_steps(name, views, rank)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_workers_take_the_same_steps_as_one_process_with_the_whole_batch(tmp_path, method: str):
+    """Loss (the workers' mean) and every weight, teacher, queue, centre and BatchNorm statistic after two
+    steps: the methods' gathers and all-reduces, global BatchNorm and DDP's gradient mean together make two
+    workers one batch, as the papers define the loss."""
+    views = _fixed_views(method)
+    one_losses, one_state = _train_steps(method, views, rank=None)
+    ranks = spawn(_whole_method_worker, tmp_path, method, views)
+    for step in range(STEPS):
+        mean_loss = sum(ranks[r][0][step] for r in range(WORLD)) / WORLD
+        assert mean_loss == pytest.approx(one_losses[step], rel=1e-4, abs=1e-5), f"step {step}"
+    for rank in range(WORLD):
+        state = ranks[rank][1]
+        for key, expected in one_state.items():
+            torch.testing.assert_close(state[key], expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")

@@ -48,7 +48,7 @@ class MoCo(nn.Module):
         self.teacher = EMATeacher(self.encoder, self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(knobs.queue_size, knobs.projection_dim), dim=1))
         self.register_buffer("queue_end", torch.zeros((), dtype=torch.long))  # where the next key goes
-        self._keys: torch.Tensor | None = None  # this step's keys, queued after the optimiser step
+        self._keys: list[torch.Tensor] = []  # this step's keys per view, queued after the optimiser step
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x1, x2 = views
@@ -61,7 +61,7 @@ class MoCo(nn.Module):
                 q2, k1 = self.projector(self.encoder(x2)).float(), self.teacher(x1).float()
                 loss = (loss + info_nce_loss(q2, k1, self.queue, self.knobs.temperature)) / 2
                 keys.append(k1)
-        self._keys = F.normalize(torch.cat(keys), dim=1)
+        self._keys = [F.normalize(k, dim=1) for k in keys]
         return loss, q1.detach()
 
     @torch.no_grad()
@@ -69,7 +69,9 @@ class MoCo(nn.Module):
         self.teacher.update(
             self.encoder, self.projector, momentum=cosine_momentum(self.knobs.momentum, progress.fraction)
         )
-        self.enqueue(all_gather(self._keys))  # every worker queues every worker's keys: one shared queue
+        # Every worker queues every worker's keys, view by view: one shared queue, in the order one process
+        # holding the whole batch would fill it.
+        self.enqueue(torch.cat([all_gather(keys) for keys in self._keys]))
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

@@ -45,6 +45,30 @@ class PretrainSpec:
     std: list[float]
     image_size: int = 32  # the images' side: ViTs size their positional embedding by it, local crops scale to it
 
+    def __post_init__(self) -> None:
+        _check_patches_tile_every_view(self)
+
+
+def _check_patches_tile_every_view(spec: PretrainSpec) -> None:
+    """A ViT cuts each view into whole patches: refuse, before any compute, a view size the patch does not
+    divide (multi-crop's local views are a fraction of the image, e.g. 18 px at 32)."""
+    if not spec.model.backbone.startswith("vit"):
+        return
+    patch, image = spec.model.patch_size, spec.image_size
+    if image % patch:
+        raise ConfigError(
+            f"params.yaml: model.patch_size={patch} does not divide the {image} px images; pick a divisor of "
+            f"{image} or set data.image_size to a multiple of {patch}"
+        )
+    for view in method_views(spec.method, spec.views, image):
+        if view.size and view.size % patch:
+            fits = max(patch, view.size // patch * patch)
+            raise ConfigError(
+                f"params.yaml: method.{spec.method.name}.local_size={spec.method.knobs.local_size} makes "
+                f"{view.size} px local crops, which model.patch_size={patch} does not divide; set it to "
+                f"{fits / image:.4g} ({fits} px)"
+            )
+
 
 class Session(Protocol):
     rank: int

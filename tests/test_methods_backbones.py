@@ -1,0 +1,98 @@
+"""Every method with every backbone, and every method under `train.compile`: one real training step each
+(views made on the device, forward, backward, optimiser step, the method's hooks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfsup.config import BACKBONES, load_params
+from selfsup.errors import ConfigError
+from selfsup.methods import METHODS
+from selfsup.methods.common import TrainingProgress
+from selfsup.models import Encoder
+from selfsup.train.loop import PretrainSpec, single_process_step
+from tests.test_methods_training import SMALL_KNOBS
+
+CPU = torch.device("cpu")
+IMAGE_SIZE = 16  # ViTs: patch 4 gives 16 tokens
+
+
+def make_spec(method: str, backbone: str = "small_cnn", knobs: dict | None = None, **train) -> PretrainSpec:
+    if backbone.startswith("vit") and "local_size" in METHODS[method].Knobs.model_fields:
+        knobs = {"local_size": 0.5, **(knobs or {})}  # 8 px local crops: whole 4 px patches
+    params = load_params(
+        {
+            "method": {"name": method, method: {**SMALL_KNOBS[method], **(knobs or {})}},
+            "model": {"backbone": backbone},
+            "train": {"batch_size": 4, "epochs": 2, "warmup_epochs": 0, **train},
+        }
+    )
+    return PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, IMAGE_SIZE)
+
+
+def images(count: int = 4, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, generator=generator)
+
+
+def encoder_of(step) -> Encoder:
+    return step.model.encoder
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_a_step_with_every_backbone(method: str, backbone: str) -> None:
+    step = single_process_step(make_spec(method, backbone), CPU)
+    before = [p.detach().clone() for p in encoder_of(step).parameters()]
+    loss, embeddings = step(images(), torch.Generator().manual_seed(1), TrainingProgress(0, 2, 1))
+    assert torch.isfinite(loss)
+    assert embeddings.shape[0] == 4 and torch.isfinite(embeddings).all()
+    moved = [not torch.equal(b, p) for b, p in zip(before, encoder_of(step).parameters())]
+    assert sum(moved) > len(moved) // 2, f"{sum(moved)} of {len(moved)} encoder tensors changed"
+
+
+@pytest.mark.parametrize("method", ["swav", "dino"])
+def test_local_crops_a_vit_patch_does_not_divide_are_refused_with_the_size_that_fits(method: str) -> None:
+    with pytest.raises(ConfigError, match=rf"method.{method}.local_size=0.5625 makes 9 px local crops.*0.5 \(8 px\)"):
+        make_spec(method, "vit_tiny", knobs={"local_size": 0.5625})
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_step_equals_the_eager_one_for_every_method(method: str, monkeypatch) -> None:
+    """`train.compile` compiles every Encoder (the student's and any EMA teacher's) in place. AOT-eager runs
+    Dynamo's capture and AOTAutograd's joint graph, what a method can break (graph breaks, guards on the
+    teacher's copy, no-grad forwards, local crops' second shape), without Inductor's minutes of C++ builds
+    on CPU; Inductor itself is run by test_inductor_compiles_the_encoder below."""
+    compiled_calls = []
+    original = torch.nn.Module.compile
+
+    def aot_eager(module, **kwargs):
+        compiled_calls.append(module)
+        original(module, backend="aot_eager", **kwargs)
+
+    torch._dynamo.reset()
+    eager = single_process_step(make_spec(method), CPU)
+    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager)
+    compiled = single_process_step(make_spec(method, compile=True), CPU)
+    has_teacher = hasattr(compiled.model, "teacher")
+    assert len(compiled_calls) == (2 if has_teacher else 1)  # the student's encoder, and the teacher's
+    for i in range(2):  # the second step runs the hooks' updates (EMA, queue, centre) through compiled code
+        progress = TrainingProgress(i, 2, 1)
+        eager_loss, _ = eager(images(seed=i), torch.Generator().manual_seed(i), progress)
+        compiled_loss, _ = compiled(images(seed=i), torch.Generator().manual_seed(i), progress)
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager.model.state_dict().values(), compiled.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # Inductor builds C++ kernels: about 30 s on 2 cores
+def test_inductor_compiles_the_encoder_and_trains_as_eager() -> None:
+    eager = single_process_step(make_spec("simclr"), CPU)
+    compiled = single_process_step(make_spec("simclr", compile=True), CPU)
+    assert encoder_of(compiled)._compiled_call_impl is not None
+    for i in range(2):
+        progress = TrainingProgress(i, 2, 1)
+        eager_loss, _ = eager(images(seed=i), torch.Generator().manual_seed(i), progress)
+        compiled_loss, _ = compiled(images(seed=i), torch.Generator().manual_seed(i), progress)
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
