@@ -22,7 +22,7 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class BYOL(nn.Module):
     name = "byol"
     min_batch = 2  # BatchNorm in the heads needs two images
-    lr = 0.3  # per 256 images, for SGD and LARS (train.lr: auto)
+    lr = 0.03  # per 256 images (SGD). kNN on the digits: 0.3 89.1%, 0.1 93.3%, 0.03 95.3% (random init 94.4%)
 
     # What to change on a NaN loss or a collapse.
     advice = "raise method.byol.momentum (a slower target)"

@@ -25,7 +25,7 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
 class MoCo(nn.Module):
     name = "moco"
     min_batch = 1  # negatives come from the queue
-    lr = 0.06  # MoCo's CIFAR demo; 0.3 collapses it on the digits
+    lr = 0.06  # per 256 images (SGD), MoCo's CIFAR demo: 0.3 collapses it on the digits
 
     # What to change on a NaN loss or a collapse.
     advice = "raise method.moco.temperature or method.moco.momentum"

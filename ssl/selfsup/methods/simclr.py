@@ -34,7 +34,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
 class SimCLR(nn.Module):
     name = "simclr"
     min_batch = 2  # a negative needs a second image
-    lr = 0.3  # SGD at batch 256 (SimCLR: 0.3 x batch/256)
+    lr = 0.3  # per 256 images (SGD), SimCLR's 0.3 x batch/256
 
     # What to change on a NaN loss or a collapse.
     advice = "raise method.simclr.temperature"
