@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -86,3 +92,40 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     repo = copy_repo(tmp / "repo")
     update_params(repo, TINY_PARAMS)
     return repo, stage_env(tmp, repo)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def ray_cluster(env: dict[str, str], node_cpus: list[int]) -> Iterator[str]:
+    """A real Ray cluster on this machine, one node per entry of node_cpus (the first is the head); yields the
+    RAY_ADDRESS that reaches it, and stops exactly its own processes afterwards."""
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Unix socket paths stop at 107 bytes
+    try:
+        for i, cpus in enumerate(node_cpus):
+            where = ["--head", f"--port={port}", "--disable-usage-stats"] if i == 0 else [f"--address=127.0.0.1:{port}"]
+            common = [f"--num-cpus={cpus}", "--object-store-memory=100000000", f"--temp-dir={temp_dir}"]
+            subprocess.run(["ray", "start", *where, *common], env=env, check=True, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop_ray_cluster(temp_dir, port)
+
+
+def _stop_ray_cluster(temp_dir: str, port: int) -> None:
+    """Stop only this cluster's processes (`ray stop` would end every Ray instance on the host)."""
+    ours = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(temp_dir in arg or f":{port}" in arg for arg in p.info["cmdline"] or [])
+    ]
+    processes = {p for root in ours for p in [root, *root.children(recursive=True)]}
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(list(processes), timeout=10)
+    for process in alive:  # raylet and GCS may ignore SIGTERM for a while
+        process.kill()

@@ -40,3 +40,15 @@ def test_ray_overhead_reports_a_ratio(tmp_path):
     result = json.loads(report.read_text())
     assert isinstance(result["ratio_ray_over_bare"], float) and result["ratio_ray_over_bare"] > 0
     assert result["fit_startup_s"] > 0
+
+
+def test_method_speed_times_every_method_beside_simclr(tmp_path):
+    from selfsup.methods import METHODS
+
+    report = tmp_path / "method_speed.json"
+    tiny = "--batch-size 8 --steps 1 --warmup 1 --width 0.125 --max-images 64"
+    output = run_script("method_speed.py", *tiny.split(), "--device", "cpu", "--json", str(report), timeout=300)
+    assert "/ simclr" in output
+    figures = json.loads(report.read_text())["images_per_s"]
+    assert figures.keys() == METHODS.keys()
+    assert all(isinstance(f["eager fp32"], float) and f["eager fp32"] > 0 for f in figures.values())

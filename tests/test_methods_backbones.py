@@ -58,6 +58,12 @@ def test_local_crops_a_vit_patch_does_not_divide_are_refused_with_the_size_that_
         make_spec(method, "vit_tiny", knobs={"local_size": 0.5625})
 
 
+def test_images_a_vit_patch_does_not_divide_are_refused_before_any_compute() -> None:
+    params = load_params({"model": {"backbone": "vit_tiny"}})
+    with pytest.raises(ConfigError, match="model.patch_size=4 does not divide the 18 px images"):
+        PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 18)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_compiled_step_equals_the_eager_one_for_every_method(method: str, monkeypatch) -> None:
     """`train.compile` compiles every Encoder (the student's and any EMA teacher's) in place. AOT-eager runs

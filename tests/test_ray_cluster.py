@@ -3,66 +3,20 @@
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.conftest import run, update_params
+from tests.conftest import ray_cluster, run, update_params
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_cluster(temp_dir: str, port: int) -> None:
-    """Stop only this cluster's processes (`ray stop` would end every Ray instance on the host)."""
-    ours = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any(temp_dir in arg or f":{port}" in arg for arg in p.info["cmdline"] or [])
-    ]
-    processes = {p for root in ours for p in [root, *root.children(recursive=True)]}
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(list(processes), timeout=10)
-    for process in alive:  # raylet and GCS may ignore SIGTERM for a while
-        process.kill()
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster(tiny_repo):
-    _, env = tiny_repo
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Unix socket paths stop at 107 bytes
-    common = ["--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={temp_dir}"]
-    try:
-        subprocess.run(
-            ["ray", "start", "--head", f"--port={port}", "--disable-usage-stats", *common],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        subprocess.run(
-            ["ray", "start", f"--address=127.0.0.1:{port}", *common],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        yield f"127.0.0.1:{port}"
-    finally:
-        _stop_cluster(temp_dir, port)
+    with ray_cluster(tiny_repo[1], node_cpus=[1, 1]) as address:
+        yield address
 
 
 def test_pretrain_spans_both_nodes_through_ray_address(tiny_repo, two_node_cluster):
