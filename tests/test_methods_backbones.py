@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from selfsup.config import BACKBONES, load_params
 from selfsup.errors import ConfigError
@@ -102,3 +103,35 @@ def test_inductor_compiles_the_encoder_and_trains_as_eager() -> None:
         eager_loss, _ = eager(images(seed=i), torch.Generator().manual_seed(i), progress)
         compiled_loss, _ = compiled(images(seed=i), torch.Generator().manual_seed(i), progress)
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+
+
+class _LowPrecisionOps(TorchDispatchMode):
+    """Records the ops that must see float32 (exponentials, softmaxes) whenever one gets a bfloat16 input."""
+
+    FLOAT32_ONLY = ("exp", "_softmax", "_log_softmax", "logsumexp")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if name in self.FLOAT32_ONLY and any(t.dtype == torch.bfloat16 for t in tensors):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_under_bf16_autocast_losses_softmaxes_and_sinkhorn_run_in_float32(method: str) -> None:
+    """What `train.precision: bf16` runs on CUDA, here with CPU autocast (the same code paths): the heads in
+    bfloat16, every exponential and softmax of the loss (temperature-scaled logits, Sinkhorn) in float32."""
+    step = single_process_step(make_spec(method), CPU)
+    views = [torch.rand(4, 3, spec.size or IMAGE_SIZE, spec.size or IMAGE_SIZE) for spec in step.views]
+    fp32_loss, _ = step.model(views)
+    recorder = _LowPrecisionOps()
+    with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+        bf16_loss, embeddings = step.model(views)
+    assert recorder.seen == [], f"{method} ran {sorted(set(recorder.seen))} on bfloat16"
+    assert bf16_loss.dtype == torch.float32 and torch.isfinite(bf16_loss)
+    assert bf16_loss.item() == pytest.approx(fp32_loss.item(), rel=0.05, abs=0.02)
