@@ -5,7 +5,7 @@ temporary folder, applies the overrides (`--set key=value`, repeatable) to its p
 `dvc exp run eval_knn eval_linear -S method.name=NAME` there for each method, one after the other, as a
 user would. Prints a Markdown table (the README's) and writes the figures as JSON.
 
-    python benchmarks/method_table.py                                   # the embedded digits, ~15 min on 2 cores
+    python benchmarks/method_table.py                                   # the embedded digits, ~20 min on 2 cores
     python benchmarks/method_table.py --methods simclr moco --set train.epochs=5
 """
 
@@ -15,17 +15,15 @@ import argparse
 import csv
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from repro_time import REPO, clone, override_params, stage_env
 
-sys.path.insert(0, str(REPO / "ssl"))
-from selfsup.config import learning_rate, load_params  # noqa: E402
-from selfsup.methods import METHODS  # noqa: E402
+from pipelines.common import read_params
+from selfsup.config import learning_rate
+from selfsup.methods import METHODS
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,7 +50,7 @@ def run_method(repo: Path, env: dict[str, str], method: str) -> dict:
     knn, linear, pretrain = read("eval_knn"), read("eval_linear"), read("pretrain")
     with (repo / "plots" / "pretrain.csv").open() as file:
         last_epoch = list(csv.DictReader(file))[-1]
-    params = load_params(yaml.safe_load((repo / "params.yaml").read_text()))
+    params = read_params(repo / "params.yaml")
     return {
         "method": method,
         "lr": learning_rate(params.train, params.method),

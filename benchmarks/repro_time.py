@@ -24,6 +24,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "ssl")]  # this checkout's pipelines and selfsup, installed or not
+from pipelines.recipe import apply  # noqa: E402
+
 RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
 
 
@@ -56,15 +59,8 @@ def clone(destination: Path, working_tree: bool) -> None:
 def override_params(repo: Path, overrides: list[str]) -> None:
     """Apply `a.b=value` overrides to params.yaml; values are read as YAML (2 -> int, null -> None)."""
     path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for override in overrides:
-        key, _, value = override.partition("=")
-        *parents, leaf = key.split(".")
-        section = params
-        for parent in parents:
-            section = section.setdefault(parent, {})
-        section[leaf] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    values = {key: yaml.safe_load(value) for key, _, value in (override.partition("=") for override in overrides)}
+    path.write_text(yaml.safe_dump(apply(yaml.safe_load(path.read_text()), values), sort_keys=False))
 
 
 def stage_env(temporary: Path, repo: Path) -> dict[str, str]:
