@@ -171,7 +171,7 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
         else:
             convert_to_global_batchnorm(method)
         model = DistributedDataParallel(method)
-    views = method_views(spec.method, spec.views, images.shape[1])
+    views = method_views(spec.method, spec.views, spec.image_size)
     step = TrainStep(model, optimizer, views, train, device, method=method)
     data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
     low_std_epochs = 0  # consecutive epochs whose embeddings looked collapsed
