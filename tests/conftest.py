@@ -85,13 +85,23 @@ def run(command: list[str], repo: Path, env: dict[str, str], timeout: int = 600)
     return result
 
 
+@pytest.fixture(scope="session")
+def shared_ray_address(tmp_path_factory) -> Iterator[str]:
+    """One Ray cluster for every pipeline test: a stage joins it through RAY_ADDRESS instead of starting a
+    local instance of its own (about 6 s each). Its workers import the library from this working tree,
+    which every test's copy equals."""
+    env = stage_env(tmp_path_factory.mktemp("shared-ray"), ROOT)
+    with ray_cluster(env, node_cpus=[os.cpu_count() or 2]) as address:
+        yield address
+
+
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A private copy of the repo with tiny params, and the env to run its stages in."""
+def tiny_repo(tmp_path_factory, shared_ray_address) -> tuple[Path, dict[str, str]]:
+    """A private copy of the repo with tiny params, and the env to run its stages in (on the shared cluster)."""
     tmp = tmp_path_factory.mktemp("pipeline")
     repo = copy_repo(tmp / "repo")
     update_params(repo, TINY_PARAMS)
-    return repo, stage_env(tmp, repo)
+    return repo, {**stage_env(tmp, repo), "RAY_ADDRESS": shared_ray_address}
 
 
 def free_port() -> int:
@@ -110,7 +120,13 @@ def ray_cluster(env: dict[str, str], node_cpus: list[int]) -> Iterator[str]:
         for i, cpus in enumerate(node_cpus):
             where = ["--head", f"--port={port}", "--disable-usage-stats"] if i == 0 else [f"--address=127.0.0.1:{port}"]
             common = [f"--num-cpus={cpus}", "--object-store-memory=100000000", f"--temp-dir={temp_dir}"]
-            subprocess.run(["ray", "start", *where, *common], env=env, check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                ["ray", "start", *where, *common],
+                env={**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},  # the stages' own setting (ray_trainer)
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
         yield f"127.0.0.1:{port}"
     finally:
         _stop_ray_cluster(temp_dir, port)
@@ -126,6 +142,6 @@ def _stop_ray_cluster(temp_dir: str, port: int) -> None:
     processes = {p for root in ours for p in [root, *root.children(recursive=True)]}
     for process in processes:
         process.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(list(processes), timeout=10)
+    _, alive = psutil.wait_procs(list(processes), timeout=3)
     for process in alive:  # raylet and GCS may ignore SIGTERM for a while
         process.kill()

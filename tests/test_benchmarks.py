@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(name: str, *args: str, timeout: int) -> str:
+def run_script(name: str, *args: str, timeout: int, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
-        [sys.executable, f"benchmarks/{name}", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, f"benchmarks/{name}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -32,10 +38,11 @@ def test_throughput_reports_all_three_figures(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_overhead_reports_a_ratio(tmp_path):
+def test_ray_overhead_reports_a_ratio(tmp_path, shared_ray_address):
     report = tmp_path / "ray_overhead.json"
     tiny = "--steps 3 --warmup 1 --batch-size 32"
-    output = run_script("ray_overhead.py", *tiny.split(), "--json", str(report), timeout=600)
+    env = {**os.environ, "RAY_ADDRESS": shared_ray_address}
+    output = run_script("ray_overhead.py", *tiny.split(), "--json", str(report), timeout=600, env=env)
     assert "ratio ray / bare" in output
     result = json.loads(report.read_text())
     assert isinstance(result["ratio_ray_over_bare"], float) and result["ratio_ray_over_bare"] > 0

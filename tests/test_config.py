@@ -295,7 +295,7 @@ def test_run_stage_lets_bugs_raise_with_a_traceback() -> None:
 
 
 @pytest.mark.slow
-def test_more_workers_than_ray_can_place_is_a_config_error() -> None:
+def test_more_workers_than_ray_can_place_is_a_config_error(shared_ray_address) -> None:
     script = """
 import ray
 from selfsup.config import ScalingConfig
@@ -317,8 +317,7 @@ try:
 finally:
     ray.shutdown()
 """
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = run_script(script, env=env, timeout=300)
+    result = run_script(script, env={**os.environ, "RAY_ADDRESS": shared_ray_address}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ONE WORKER OK" in result.stdout
     assert "NO ERROR" not in result.stdout

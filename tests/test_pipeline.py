@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run, update_params
+from tests.test_methods_training import SMALL_KNOBS
 
 pytestmark = pytest.mark.slow
 STAGES = ["prepare", "pretrain", "features", "eval_knn", "eval_linear", "register"]
@@ -74,10 +75,12 @@ def test_second_repro_runs_nothing(tiny_repo):
     assert "up to date" in status.output, status.output
 
 
-def test_changed_pretrain_param_reruns_pretrain_and_what_follows_only(tiny_repo):
+def test_switching_the_method_reruns_pretrain_and_what_follows_only(tiny_repo):
+    """A changed pretrain param (here the method itself: BYOL, with an EMA teacher) re-runs pretrain and every
+    stage after it, and only those."""
     repo, env = tiny_repo
     first = read_json(repo / "models" / "registration.json")
-    update_params(repo, {"method": {"simclr": {"temperature": 0.5}}})
+    update_params(repo, {"method": {"name": "byol", "byol": SMALL_KNOBS["byol"]}})
     result = run(["dvc", "repro"], repo, env)
     assert result.returncode == 0, result.output
     assert ran_stages(result.output) == STAGES[1:]  # not prepare
