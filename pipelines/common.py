@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
 
 from selfsup.config import Params, load_params
@@ -17,6 +18,9 @@ PREPARED = ROOT / "data" / "prepared"
 CHECKPOINTS = ROOT / "checkpoints"
 ENCODER = ROOT / "models" / "encoder.pt"
 FEATURES = ROOT / "features" / "features.npz"
+TRANSFER = ROOT / "data" / "transfer"  # the transfer target, prepared like data/prepared
+TRANSFER_FEATURES = ROOT / "features" / "transfer.npz"
+LABEL_SUBSETS = ROOT / "data" / "label_subsets.json"
 METRICS = ROOT / "metrics"
 PLOTS = ROOT / "plots"
 
@@ -45,17 +49,36 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
-def write_scores_against_baseline(name: str, label: str, score: Callable[..., float]) -> None:
-    """Score the pretrained encoder's features and the random-init baseline's the same way, and write
-    metrics/<name>.json with `top1` and `baseline_top1`. `score(train_x, train_y, test_x, test_y)`."""
-    from selfsup.eval.features import load_features
+def mean_std(values: list[float]) -> dict[str, float]:
+    """What every evaluation that trains reports over eval.seeds: the mean and the (population) spread."""
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": round(float(array.mean()), 4), "std": round(float(array.std()), 4)}
 
-    f = load_features(FEATURES)
-    top1 = {
-        encoder: score(f[f"{encoder}_train"], f["train_labels"], f[f"{encoder}_test"], f["test_labels"])
-        for encoder in ("pretrained", "baseline")
-    }
-    write_json(
-        METRICS / f"{name}.json", {"top1": round(top1["pretrained"], 4), "baseline_top1": round(top1["baseline"], 4)}
-    )
-    print(f"{label}: {top1['pretrained']:.2%} pretrained vs {top1['baseline']:.2%} random init")
+
+def flatten_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
+    """{"val": {"k20": {"top1": 0.9}}} -> {"val.k20.top1": 0.9}: MLflow's names for a metrics file's numbers."""
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, name + "."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def log_to_encoder_run(params: Params, protocol: str, metrics: dict, pictures: list[Path] = ()) -> None:
+    """An evaluation's metrics (named `<protocol>.<key path>`) and pictures, in the MLflow run that trained
+    the encoder."""
+    from selfsup.data.arrays import file_sha256
+    from selfsup.tracking import log_evaluation
+
+    log_evaluation(params.mlflow, ROOT, file_sha256(ENCODER), flatten_metrics(metrics, protocol + "."), list(pictures))
+
+
+def champion_metric_key(name: str) -> str:
+    """mlflow.champion_metric -> the validation metric it names (the champion is never chosen on test)."""
+    if name == "linear_top1":
+        return "linear.val.top1.mean"
+    k = name.removeprefix("knn_k").removesuffix("_top1")
+    return f"knn.val.k{k}.top1"

@@ -1,12 +1,55 @@
-"""Stage `eval_knn`: weighted kNN top-1 of the pretrained encoder and of its random-init baseline."""
+"""Stage `eval_knn`: weighted kNN top-1 for every k of eval.knn.k, on val and test, of the pretrained encoder
+and of its random-init baseline; pictures: a retrieval grid and a t-SNE map of the test embeddings."""
 
-from pipelines.common import read_params, run_stage, write_scores_against_baseline
+import numpy as np
+
+from pipelines.common import FEATURES, METRICS, PLOTS, PREPARED, log_to_encoder_run, read_params, run_stage, write_json
+from selfsup.data.arrays import Manifest, load_split
+from selfsup.eval.features import load_features
 from selfsup.eval.knn import knn_accuracy
+from selfsup.eval.pictures import nearest_neighbours, plot_embedding_map, plot_retrieval_grid
 
 
 def main() -> None:
-    config = read_params().eval.knn
-    write_scores_against_baseline("eval_knn", f"kNN (k={config.k}) top-1", lambda *f: knn_accuracy(*f, config))
+    params = read_params()
+    f = load_features(FEATURES)
+    metrics = {split: {} for split in ("val", "test")}
+    for split in metrics:
+        scores = {
+            encoder: knn_accuracy(
+                f[f"{encoder}_train"], f["train_labels"], f[f"{encoder}_{split}"], f[f"{split}_labels"], params.eval.knn
+            )
+            for encoder in ("pretrained", "baseline")
+        }
+        for k in params.eval.knn.k:
+            metrics[split][f"k{k}"] = {
+                "top1": round(scores["pretrained"][k], 4),
+                "baseline_top1": round(scores["baseline"][k], 4),
+            }
+    write_json(METRICS / "eval_knn.json", metrics)
+    pictures = _pictures(f, params.train.seed)
+    log_to_encoder_run(params, "knn", metrics, pictures)
+    for k, score in metrics["test"].items():
+        print(f"kNN ({k}) test top-1: {score['top1']:.2%} pretrained vs {score['baseline_top1']:.2%} random init")
+
+
+def _pictures(f: dict, seed: int) -> list:
+    manifest = Manifest.read(PREPARED)
+    train, test = load_split(PREPARED, "train"), load_split(PREPARED, "test")
+    queries = [int(np.flatnonzero(test.labels == c)[0]) for c in np.unique(test.labels)][:10]  # one per class
+    neighbours = nearest_neighbours(f["pretrained_train"], f["pretrained_test"][queries], k=8)
+    retrieval = plot_retrieval_grid(
+        test.images[queries],
+        test.labels[queries],
+        train.images[neighbours],
+        train.labels[neighbours],
+        PLOTS / "retrieval.png",
+        manifest.class_names,
+    )
+    embedding = plot_embedding_map(
+        f["pretrained_test"], f["test_labels"], manifest.class_names, PLOTS / "embedding_map.png", seed
+    )
+    return [retrieval, embedding]
 
 
 if __name__ == "__main__":

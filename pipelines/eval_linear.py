@@ -1,16 +1,69 @@
-"""Stage `eval_linear`: linear-probe top-1 of the pretrained encoder and of its random-init baseline."""
+"""Stage `eval_linear`: linear-probe top-1 (and top-5 with more than 5 classes) on val and test, mean and spread
+over eval.seeds, of the pretrained encoder and of its random-init baseline; picture: the confusion matrix."""
 
-from pipelines.common import read_params, run_stage, write_scores_against_baseline
-from selfsup.eval.linear import linear_probe_accuracy
+import csv
+
+import numpy as np
+
+from pipelines.common import (
+    FEATURES,
+    METRICS,
+    PLOTS,
+    PREPARED,
+    log_to_encoder_run,
+    mean_std,
+    read_params,
+    run_stage,
+    write_json,
+)
+from selfsup.data.arrays import Manifest
+from selfsup.eval.features import load_features
+from selfsup.eval.linear import topk_accuracy, train_linear_probe
+from selfsup.eval.pictures import plot_confusion_matrix
 
 
 def main() -> None:
     params = read_params()
-    write_scores_against_baseline(
-        "eval_linear",
-        "linear probe top-1",
-        lambda *f: linear_probe_accuracy(*f, params.eval.linear, params.train.seed),
+    f = load_features(FEATURES)
+    class_names = Manifest.read(PREPARED).class_names
+    scores: dict[str, list[float]] = {}
+    for encoder in ("pretrained", "baseline"):
+        prefix = "" if encoder == "pretrained" else "baseline_"
+        for seed in params.eval.seeds:
+            probe = train_linear_probe(
+                f[f"{encoder}_train"], f["train_labels"], len(class_names), params.eval.linear, seed
+            )
+            for split in ("val", "test"):
+                logits = probe.logits(f[f"{encoder}_{split}"])
+                for k in (1, 5) if len(class_names) > 5 else (1,):
+                    scores.setdefault(f"{split}.{prefix}top{k}", []).append(
+                        topk_accuracy(logits, f[f"{split}_labels"], k)
+                    )
+                if encoder == "pretrained" and split == "test" and seed == params.eval.seeds[0]:
+                    predictions = logits.argmax(1).numpy()
+    metrics: dict = {"val": {}, "test": {}}
+    for key, values in scores.items():
+        split, name = key.split(".")
+        metrics[split][name] = mean_std(values)
+    write_json(METRICS / "eval_linear.json", metrics)
+    pictures = [_confusion(f["test_labels"], predictions, class_names)]
+    log_to_encoder_run(params, "linear", metrics, pictures)
+    test = metrics["test"]
+    print(
+        f"linear probe test top-1: {test['top1']['mean']:.2%} ± {test['top1']['std']:.2%} pretrained vs "
+        f"{test['baseline_top1']['mean']:.2%} ± {test['baseline_top1']['std']:.2%} random init "
+        f"({len(params.eval.seeds)} seeds)"
     )
+
+
+def _confusion(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]):
+    """plots/confusion.csv (DVC's confusion template) and plots/confusion.png, of the first seed's probe on test."""
+    PLOTS.mkdir(exist_ok=True)
+    with open(PLOTS / "confusion.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows([class_names[a], class_names[p]] for a, p in zip(labels, predictions))
+    return plot_confusion_matrix(labels, predictions, class_names, PLOTS / "confusion.png")
 
 
 if __name__ == "__main__":

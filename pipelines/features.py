@@ -1,9 +1,12 @@
-"""Stage `features`: frozen features of the pretrained encoder and of a random-init baseline, once."""
+"""Stage `features`: frozen features of the pretrained encoder and of a random-init baseline, once, for every
+split of the prepared dataset (features/features.npz) and of the transfer target (features/transfer.npz)."""
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines.common import ENCODER, FEATURES, PREPARED, read_params, run_stage
+from pipelines.common import ENCODER, FEATURES, PREPARED, TRANSFER, TRANSFER_FEATURES, read_params, run_stage
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.eval.features import extract_features, save_features
 from selfsup.models import Encoder, load_encoder
@@ -16,17 +19,23 @@ def main() -> None:
     # The baseline: the same architecture with the initial weights pretraining started from.
     torch.manual_seed(params.train.seed)
     baseline = Encoder(params.model, manifest.mean, manifest.std, image_size=manifest.image_size[0])
+    for folder, out in ((PREPARED, FEATURES), (TRANSFER, TRANSFER_FEATURES)):
+        arrays = _features_of_every_split(folder, {"pretrained": encoder, "baseline": baseline}, params.eval.batch_size)
+        save_features(out, **arrays)
+        counts = ", ".join(f"{len(arrays[f'{s}_labels'])} {s}" for s in Manifest.read(folder).splits)
+        print(
+            f"features of {Manifest.read(folder).source}: {arrays['pretrained_train'].shape[1]}-d for {counts} images"
+        )
+
+
+def _features_of_every_split(folder: Path, encoders: dict[str, Encoder], batch_size: int) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
-    for split in ("train", "test"):
-        data = load_split(PREPARED, split)
+    for split in Manifest.read(folder).splits:
+        data = load_split(folder, split)
         arrays[f"{split}_labels"] = data.labels
-        arrays[f"pretrained_{split}"] = extract_features(encoder, data.images, params.eval.batch_size)
-        arrays[f"baseline_{split}"] = extract_features(baseline, data.images, params.eval.batch_size)
-    save_features(FEATURES, **arrays)
-    print(
-        f"features: {arrays['pretrained_train'].shape[1]}-d for {len(arrays['train_labels'])} train and "
-        f"{len(arrays['test_labels'])} test images"
-    )
+        for name, encoder in encoders.items():
+            arrays[f"{name}_{split}"] = extract_features(encoder, data.images, batch_size)
+    return arrays
 
 
 if __name__ == "__main__":

@@ -1,15 +1,28 @@
-"""Stage `prepare`: dataset source -> data/prepared/{train,test}.npz + manifest.json."""
+"""Stage `prepare`: dataset source -> data/prepared/{train,val,test}.npz + manifest.json.
 
+`python -m pipelines.prepare transfer` (stage `prepare_transfer`) prepares eval.transfer's target the same
+way into data/transfer, at the size of the prepared images: the encoder sees the target at its own size.
+"""
+
+import sys
 import time
 
-from pipelines.common import PREPARED, read_params, run_stage
+from pipelines.common import PREPARED, TRANSFER, read_params, run_stage
+from selfsup.config import DataConfig
+from selfsup.data.arrays import Manifest
 from selfsup.data.sources import prepare_dataset
 
 
 def main() -> None:
     params = read_params()
     started = time.perf_counter()
-    manifest = prepare_dataset(params.data, PREPARED)
+    if sys.argv[1:] == ["transfer"]:
+        target = params.eval.transfer
+        size = Manifest.read(PREPARED).image_size[0]
+        config = DataConfig(**target.model_dump(), image_size=size, val_fraction=params.data.val_fraction)
+        manifest = prepare_dataset(config, TRANSFER)
+    else:
+        manifest = prepare_dataset(params.data, PREPARED)
     counts = ", ".join(f"{name} {info['count']:,}" for name, info in manifest.splits.items())
     print(
         f"prepared {manifest.source}: {counts} images of {manifest.image_size[0]}x{manifest.image_size[1]}, "

@@ -1,4 +1,7 @@
-"""Stage `pretrain`: Ray Train pretraining -> models/encoder.pt, metrics/pretrain.json, plots/pretrain.csv.
+"""Stage `pretrain`: Ray Train pretraining -> models/encoder.pt, metrics/pretrain.json, per-epoch curves.
+
+The run is tracked in MLflow (params, per-epoch loss, lr, images/s, validation kNN and the collapse
+statistics as step metrics, the curves as a picture); the evaluations and `register` add to that run.
 
 Checkpoints live in checkpoints/<run name>, a folder DVC keeps between runs (persist), and the run
 name is a hash of everything that shapes the result (params, data, library code): an interrupted
@@ -22,10 +25,11 @@ from pipelines.common import (
     run_stage,
     write_json,
 )
-from selfsup.data.arrays import Manifest, load_split
+from selfsup.data.arrays import Manifest, file_sha256, load_split
 from selfsup.errors import ConfigError
 from selfsup.models import save_encoder
 from selfsup.train.loop import PretrainSpec, build_model
+from selfsup.train.monitor import KnnMonitor
 
 
 def main() -> None:
@@ -44,32 +48,45 @@ def main() -> None:
     run_name = f"{params.method.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     _remove_stale_runs(keep=run_name)
 
+    import mlflow
+
+    from selfsup.tracking import ENCODER_TAG, log_history, pretrain_run  # fails fast on an unreachable MLflow server
     from selfsup.train.ray_trainer import pretrain_with_ray  # Ray imports only once params are good
 
-    started = time.perf_counter()
-    state = pretrain_with_ray(
-        load_split(PREPARED, "train", with_labels=False), spec, params.scaling, CHECKPOINTS, run_name
-    )
-    wall = time.perf_counter() - started
+    train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
+    monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k)
+    device = "cuda" if params.scaling.use_gpu else "cpu"
+    tracked = params.model_dump(mode="json", include={"data", "model", "method", "views", "train", "scaling"})
+    tags = {
+        "stage": "pretrain",
+        "device": device,
+        "workers": str(params.scaling.num_workers),
+        "method": params.method.name,
+    }
+    with pretrain_run(params.mlflow, ROOT, params=tracked, tags=tags) as run_id:
+        started = time.perf_counter()
+        state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor)
+        wall = time.perf_counter() - started
 
-    method = build_model(spec)
-    method.load_state_dict(state["method"])
-    save_encoder(method.encoder, ENCODER, manifest.image_size)
-    history = state["history"]
-    PLOTS.mkdir(exist_ok=True)
-    with open(PLOTS / "pretrain.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    write_json(
-        METRICS / "pretrain.json",
-        {
+        method = build_model(spec)
+        method.load_state_dict(state["method"])
+        save_encoder(method.encoder, ENCODER, manifest.image_size)
+        history = state["history"]
+        _write_curves(history)
+        summary = {
             "final_loss": history[-1]["loss"],
             "epochs": len(history),
             "images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
             "wall_s": round(wall, 1),
-        },
-    )
+        }
+        if "monitor_knn_top1" in history[-1]:
+            summary["val_knn_top1"] = history[-1]["monitor_knn_top1"]
+        write_json(METRICS / "pretrain.json", summary)
+        log_history(run_id, history)
+        mlflow.log_metrics({f"pretrain.{k}": v for k, v in summary.items()})
+        mlflow.log_artifact(str(PLOTS / "pretrain.png"), artifact_path="pictures")
+        mlflow.log_artifact(str(PLOTS / "pretrain.csv"), artifact_path="curves")
+        mlflow.set_tag(ENCODER_TAG, file_sha256(ENCODER))
     shutil.rmtree(CHECKPOINTS / run_name, ignore_errors=True)  # done: a forced re-run trains afresh
     (CHECKPOINTS / "README").write_text(CHECKPOINTS_README)
     print(
@@ -82,6 +99,23 @@ Ray Train checkpoints of the pretrain stage, one folder per configuration (a has
 DVC keeps this folder between runs (persist: true) so that an interrupted `dvc repro` resumes from
 the latest checkpoint; a finished run removes its own folder.
 """
+
+
+def _write_curves(history: list[dict]) -> None:
+    """plots/pretrain.csv (every epoch), plots/monitor.csv (the monitored epochs) and plots/pretrain.png."""
+    from selfsup.eval.pictures import plot_training_curves
+
+    PLOTS.mkdir(exist_ok=True)
+    columns = [key for key in history[0] if key != "monitor_knn_top1"]
+    with open(PLOTS / "pretrain.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    with open(PLOTS / "monitor.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "val_knn_top1"])
+        writer.writerows([row["epoch"], row["monitor_knn_top1"]] for row in history if "monitor_knn_top1" in row)
+    plot_training_curves(history, PLOTS / "pretrain.png")
 
 
 def _library_sha256() -> str:

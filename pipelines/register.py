@@ -4,17 +4,32 @@ import json
 import subprocess
 from dataclasses import asdict
 
-from pipelines.common import ENCODER, METRICS, PREPARED, ROOT, read_params, run_stage, write_json
+from pipelines.common import (
+    ENCODER,
+    METRICS,
+    PREPARED,
+    ROOT,
+    champion_metric_key,
+    flatten_metrics,
+    read_params,
+    run_stage,
+    write_json,
+)
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.models import load_encoder
+
+PROTOCOLS = ("knn", "linear", "semisup", "transfer")
 
 
 def main() -> None:
     params = read_params()
     from selfsup.tracking import register_encoder
 
-    knn = json.loads((METRICS / "eval_knn.json").read_text())
-    linear = json.loads((METRICS / "eval_linear.json").read_text())
+    # Every protocol's numbers land in the registered run; the champion is chosen on a validation score.
+    metrics = {}
+    for protocol in PROTOCOLS:
+        metrics.update(flatten_metrics(json.loads((METRICS / f"eval_{protocol}.json").read_text()), protocol + "."))
+    champion_metric = champion_metric_key(params.mlflow.champion_metric)
     manifest = Manifest.read(PREPARED)
     encoder, _ = load_encoder(ENCODER)
     registration = register_encoder(
@@ -22,12 +37,8 @@ def main() -> None:
         params.mlflow,
         ROOT,
         params=params.model_dump(mode="json"),
-        metrics={
-            "knn_top1": knn["top1"],
-            "knn_baseline_top1": knn["baseline_top1"],
-            "linear_top1": linear["top1"],
-            "linear_baseline_top1": linear["baseline_top1"],
-        },
+        metrics=metrics,
+        champion_metric=champion_metric,
         lineage={"git_commit": _git_commit(), "dataset_sha256": manifest.sha256, "dataset_source": manifest.source},
         example=load_split(PREPARED, "test").images[:2],
         feature_dim=encoder.feature_dim,
@@ -37,7 +48,7 @@ def main() -> None:
     versus = f" (champion had {previous:.2%})" if previous is not None else " (no comparable champion before it)"
     print(
         f"registered {registration.name} version {registration.version} as @{registration.alias}: "
-        f"{params.mlflow.champion_metric} {registration.score:.2%}{versus}"
+        f"{champion_metric} {registration.score:.2%}{versus}"
     )
 
 

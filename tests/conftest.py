@@ -22,8 +22,8 @@ SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
 
 # Small enough for seconds per stage on 2 cores, big enough that every stage does real work.
 TINY_PARAMS = {
-    "train": {"epochs": 2, "batch_size": 128, "checkpoint_every": 1, "warmup_epochs": 0},
-    "eval": {"linear": {"epochs": 5}},
+    "train": {"epochs": 2, "batch_size": 128, "checkpoint_every": 1, "warmup_epochs": 0, "monitor_every": 1},
+    "eval": {"seeds": [0, 1], "linear": {"epochs": 5}, "semisup": {"steps": 5}},
 }
 
 

@@ -61,7 +61,7 @@ def config_error(raw: dict) -> str:
         ("views.crop_scale", [0.5, 1.5], ["views.crop_scale", "[0.5, 1.5]"]),
         ("views.flip_prob", 1.5, ["views.flip_prob", "1.5"]),
         ("scaling.num_workers", 0, ["scaling.num_workers", "=0 "]),
-        ("data.source", "mnist", ["data.source", "'mnist'", "imagefolder"]),
+        ("data.source", "imagenet", ["data.source", "'imagenet'", "imagefolder"]),
         ("train.optimizer", "lamb", ["train.optimizer", "'lamb'", "sgd", "adamw", "lars"]),
     ],
 )

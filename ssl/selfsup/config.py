@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -59,17 +60,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SOURCES = ("digits", "mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+EMBEDDED_SOURCES = ("digits", "mnist")  # shipped inside installed packages: no root, no download
+
+
 class DataConfig(_Section):
-    source: Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder"] = "digits"
+    source: Literal[SOURCES] = "digits"
     root: str | None = None  # folder of a torchvision or imagefolder source
     download: bool = False  # let torchvision download a missing dataset (needs internet)
     image_size: int | None = Field(default=16, ge=8, le=512)  # square resize; None keeps native
     test_fraction: float = Field(default=0.2, gt=0, lt=1)  # when the source has no test split
+    # Held out of train, labels and all: the pretraining monitor and every choice (champion, sweeps) use it,
+    # so that the test split is only ever reported.
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
     seed: int = 0
 
     @model_validator(mode="after")
     def _root_when_needed(self) -> DataConfig:
-        if self.source != "digits" and not self.root:
+        if self.source not in EMBEDDED_SOURCES and not self.root:
             raise ValueError(f"data.root is required for data.source={self.source!r}: set it to the dataset folder")
         return self
 
@@ -143,7 +151,7 @@ class ViewConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(default=60, ge=1)
+    epochs: int = Field(default=50, ge=1)
     batch_size: int = Field(default=256, ge=1)  # global: split evenly across workers
     optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
     # "auto": the method's own learning rate for SGD and LARS (its `lr`, at batch 256), or 5e-4 for AdamW,
@@ -160,6 +168,10 @@ class TrainConfig(_Section):
     # Collapse: the std of the L2-normalised embeddings, times sqrt(dim) (about 1 healthy, 0 collapsed).
     collapse_std: float = Field(default=0.05, ge=0)  # stop when it stays below this ...
     collapse_patience: int = Field(default=3, ge=1)  # ... for this many epochs in a row
+    # kNN top-1 on the validation split every this many epochs (and the last); 0 turns it off. Its labels
+    # serve this monitor only: no method sees them.
+    monitor_every: int = Field(default=5, ge=0)
+    monitor_k: int = Field(default=20, ge=1)
 
 
 class ScalingConfig(_Section):
@@ -169,29 +181,84 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(default=1.0, gt=0)  # used only when use_gpu
 
 
+def _k_list(value: Any) -> Any:
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _distinct_sorted(values: list) -> list:
+    if not values:
+        raise ValueError("must hold at least one value")
+    if len(set(values)) != len(values):
+        raise ValueError("must not repeat a value")
+    return sorted(values)
+
+
 class KnnConfig(_Section):
-    k: int = Field(default=20, ge=1)
+    # Several k in one pass (the neighbours are ranked once); top-1 is reported for each.
+    k: Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_k_list), AfterValidator(_distinct_sorted)] = [
+        10,
+        20,
+        200,
+    ]
     temperature: float = Field(default=0.07, gt=0)
 
 
 class LinearConfig(_Section):
-    epochs: int = Field(default=100, ge=1)
+    epochs: int = Field(default=50, ge=1)
     lr: float = Field(default=0.01, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(default=1e-4, ge=0)
     batch_size: int = Field(default=256, ge=1)
 
 
+class SemisupConfig(_Section):
+    """Fine-tuning the whole encoder plus a linear head on a fraction of the training labels."""
+
+    fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]], AfterValidator(_distinct_sorted)] = [0.01, 0.1]
+    subset_seed: int = 0  # draws the class-balanced subsets once: every method is judged on the same images
+    steps: int = Field(default=100, ge=1)  # the same budget at every fraction
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.003, gt=0)  # the encoder's; the new head learns head_lr_multiplier times faster
+    head_lr_multiplier: float = Field(default=10.0, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    crop_scale: CropScale = (0.5, 1.0)  # light augmentation: a random resized crop ...
+    flip_prob: float = Field(default=0.0, ge=0, le=1)  # ... and a flip (off for digits)
+
+
+class TransferConfig(_Section):
+    """The target dataset: the same sources as `data`, resized to the encoder's image size."""
+
+    source: Literal[SOURCES] = "mnist"
+    root: str | None = None
+    download: bool = False
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _root_when_needed(self) -> TransferConfig:
+        if self.source not in EMBEDDED_SOURCES and not self.root:
+            raise ValueError(
+                f"eval.transfer.root is required for eval.transfer.source={self.source!r}: set it to the dataset folder"
+            )
+        return self
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(default=512, ge=1)  # feature extraction
+    # Every evaluation that trains (linear probe, fine-tuning) runs once per seed: mean and spread are reported.
+    seeds: Annotated[list[int], AfterValidator(_distinct_sorted)] = [0, 1, 2]
     knn: KnnConfig = KnnConfig()
     linear: LinearConfig = LinearConfig()
+    semisup: SemisupConfig = SemisupConfig()
+    transfer: TransferConfig = TransferConfig()
 
 
 class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides it
     experiment: str = "selfsup"
     model_name: str = Field(default="selfsup-encoder", min_length=1)
-    champion_metric: Literal["knn_top1", "linear_top1"] = "knn_top1"
+    # Decided on the validation split, never on test: knn_k<K>_top1 (K one of eval.knn.k) or linear_top1.
+    champion_metric: str = "knn_k20_top1"
 
 
 class Params(_Section):
@@ -216,6 +283,16 @@ class Params(_Section):
             raise ValueError(
                 f"train.warmup_epochs={self.train.warmup_epochs} must be below train.epochs={self.train.epochs}: "
                 "the learning rate would never reach train.lr nor decay"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _champion_metric_is_measured(self) -> Params:
+        allowed = [f"knn_k{k}_top1" for k in self.eval.knn.k] + ["linear_top1"]
+        if self.mlflow.champion_metric not in allowed:
+            raise ValueError(
+                f"mlflow.champion_metric={self.mlflow.champion_metric!r} is not measured; allowed: "
+                f"{', '.join(allowed)} (the k of kNN come from eval.knn.k)"
             )
         return self
 

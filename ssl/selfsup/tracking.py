@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,80 @@ def use_experiment(config: MlflowConfig, root: str | Path) -> str:
     return mlflow.create_experiment(config.experiment, artifact_location=location)
 
 
+ENCODER_TAG = "encoder_sha256"  # ties every evaluation, and the registered version, to the run that trained it
+
+
+@contextmanager
+def pretrain_run(config: MlflowConfig, root: str | Path, *, params: dict, tags: dict[str, str]):
+    """Open the MLflow run of one pretraining (its params and tags); yields its id. The run ends FINISHED, or
+    FAILED when training raises. Under `dvc exp run` it is tagged with the experiment's name."""
+    experiment_id = use_experiment(config, root)
+    if os.environ.get("DVC_EXP_NAME"):
+        tags = {**tags, "dvc_experiment": os.environ["DVC_EXP_NAME"]}
+    with _mlflow_errors():
+        run = mlflow.start_run(experiment_id=experiment_id, tags=tags)
+        mlflow.log_params(_flatten(params))
+    try:
+        yield run.info.run_id
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+@_mlflow_errors()
+def log_history(run_id: str, history: list[dict]) -> None:
+    """Per-epoch metrics as step metrics (step = epoch), in one batched call."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, int(row["epoch"]))
+        for row in history
+        for key, value in row.items()
+        if key != "epoch" and value is not None
+    ]
+    client = MlflowClient()
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+@_mlflow_errors()
+def encoder_run(config: MlflowConfig, root: str | Path, encoder_sha256: str) -> str:
+    """The id of the newest run that trained this encoder (found by its sha256 tag). When there is none (the
+    encoder came from DVC's cache into a fresh store) a run is opened for it, so its evaluations still land."""
+    experiment_id = use_experiment(config, root)
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        f"tags.{ENCODER_TAG} = '{encoder_sha256}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if runs:
+        return runs[0].info.run_id
+    run = MlflowClient().create_run(
+        experiment_id, tags={ENCODER_TAG: encoder_sha256, "note": "encoder from DVC's cache"}
+    )
+    MlflowClient().set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@_mlflow_errors()
+def log_evaluation(
+    config: MlflowConfig, root: str | Path, encoder_sha256: str, metrics: dict[str, float], artifacts: list[Path]
+) -> str:
+    """Add an evaluation's metrics and pictures to the run that trained the encoder; returns the run id."""
+    run_id = encoder_run(config, root, encoder_sha256)
+    client = MlflowClient()
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path="pictures")
+    return run_id
+
+
 @_mlflow_errors()
 def register_encoder(
     encoder_path: str | Path,
@@ -98,24 +173,26 @@ def register_encoder(
     *,
     params: dict,
     metrics: dict[str, float],
+    champion_metric: str,
     lineage: dict[str, str],
     example: np.ndarray,
     feature_dim: int,
 ) -> Registration:
-    """Log the encoder as a pyfunc model, register a version, and set its alias.
+    """Log the encoder as a pyfunc model into the run that trained it, register a version, and set its alias.
 
-    The version becomes `champion` only if its `config.champion_metric` beats the current champion's;
-    otherwise it is the `challenger`.
+    The version becomes `champion` only if `metrics[champion_metric]` (a validation score: nothing is chosen
+    on test) beats the current champion's; otherwise it is the `challenger`.
     """
-    experiment_id = use_experiment(config, root)
+    from selfsup.data.arrays import file_sha256
+
+    run_id = encoder_run(config, root, file_sha256(encoder_path))
     # Unnamed tensors: a named input spec would reach predict as a dict, not the array users pass.
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim))]),
     )
     flat_params = _flatten(params)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.log_params(flat_params)
+    with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_metrics(metrics)
         mlflow.set_tags(lineage)
         info = mlflow.pyfunc.log_model(
@@ -130,14 +207,14 @@ def register_encoder(
         )
     client = MlflowClient()
     version = str(info.registered_model_version)
-    score = metrics[config.champion_metric]
+    score = metrics[champion_metric]
     param_tags = {f"params.{k}": v for k, v in flat_params.items()}
     # What decides what a score means: the data and how it is evaluated.
     comparable = {
         "dataset_sha256": lineage["dataset_sha256"],
         **{k: v for k, v in param_tags.items() if k.startswith(("params.data.", "params.eval."))},
     }
-    champion_score = _champion_score(client, config, comparable)
+    champion_score = _champion_score(client, config, comparable, champion_metric)
     alias = CHAMPION if champion_score is None or score > champion_score else CHALLENGER
     client.set_registered_model_alias(config.model_name, alias, version)
     tags = {
@@ -153,7 +230,9 @@ def register_encoder(
     )
 
 
-def _champion_score(client: MlflowClient, config: MlflowConfig, comparable: dict[str, str]) -> float | None:
+def _champion_score(
+    client: MlflowClient, config: MlflowConfig, comparable: dict[str, str], metric: str
+) -> float | None:
     """The champion's score, or None when there is none or its score means something else.
 
     A champion evaluated on other data, or by another protocol, cannot be beaten or kept on a number
@@ -165,7 +244,7 @@ def _champion_score(client: MlflowClient, config: MlflowConfig, comparable: dict
     champion = client.get_model_version(config.model_name, aliases[CHAMPION])
     if any(champion.tags.get(key) != value for key, value in comparable.items()):
         return None
-    return client.get_run(champion.run_id).data.metrics.get(config.champion_metric)
+    return client.get_run(champion.run_id).data.metrics.get(metric)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:

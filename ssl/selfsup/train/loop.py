@@ -27,6 +27,7 @@ from selfsup.methods import TrainingProgress, build_method, method_views
 from selfsup.models import Encoder
 from selfsup.models.batchnorm import convert_to_global_batchnorm
 from selfsup.train.collapse import effective_rank, embedding_std
+from selfsup.train.monitor import KnnMonitor
 from selfsup.train.optim import build_optimizer, set_lr, warmup_cosine
 from selfsup.train.step import TrainStep
 
@@ -133,8 +134,11 @@ def _advice(method: nn.Module) -> str:
     return getattr(method, "advice", "see the method's knobs under method." + method.name)
 
 
-def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict:
-    """Pretrain on uint8 N x H x W x 3 images; returns the final checkpoint (the last one reported)."""
+def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session, monitor: KnnMonitor | None = None) -> dict:
+    """Pretrain on uint8 N x H x W x 3 images; returns the final checkpoint (the last one reported).
+
+    With a `monitor`, rank 0 measures its kNN accuracy every `train.monitor_every` epochs and at the last one.
+    """
     train, device = spec.train, session.device
     local_batch = train.batch_size // session.world_size
     steps_per_epoch = len(images) // session.world_size // local_batch
@@ -217,15 +221,20 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session) -> dict
             "embedding_std": round(std, 4),
             "effective_rank": round(effective_rank(embeddings), 2),  # of the epoch's last batch
         }
+        last = epoch + 1 == train.epochs
+        watched = ""
+        if monitor is not None and session.rank == 0 and train.monitor_every:
+            if (epoch + 1) % train.monitor_every == 0 or last:
+                metrics["monitor_knn_top1"] = round(monitor.accuracy(method.encoder, data), 4)
+                watched = f"  val kNN {metrics['monitor_knn_top1']:.1%}"
         history.append(metrics)
         if session.rank == 0:
             print(
                 f"epoch {epoch + 1:>3}/{train.epochs}  loss {loss:.4f}  lr {lr:.4g}  "
                 f"std {std:.2f}  rank {metrics['effective_rank']:.1f}  "
-                f"{metrics['images_per_s']:,.0f} img/s  {seconds:.1f} s",
+                f"{metrics['images_per_s']:,.0f} img/s  {seconds:.1f} s{watched}",
                 flush=True,
             )
-        last = epoch + 1 == train.epochs
         # A checkpoint is written only while the embeddings look healthy, so the one a collapse keeps is good.
         if ((epoch + 1) % train.checkpoint_every == 0 and not low_std_epochs) or last:
             # Only at checkpoints: each Ray report waits for the controller's poll (every 2 s), a

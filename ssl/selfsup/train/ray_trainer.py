@@ -33,6 +33,7 @@ from selfsup.config import ScalingConfig  # noqa: E402
 from selfsup.errors import ConfigError, RayClusterError, SelfsupError  # noqa: E402
 from selfsup.reachability import unreachable  # noqa: E402
 from selfsup.train.loop import CHECKPOINT_FILE, PretrainSpec, load_checkpoint, train_loop  # noqa: E402
+from selfsup.train.monitor import KnnMonitor  # noqa: E402
 
 
 def connect_ray() -> None:
@@ -138,11 +139,16 @@ def _ray_worker(config: dict) -> None:
 
     quiet_ray_train_worker()
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    train_loop(ray.get(config["images"]), config["spec"], RaySession(config["use_gpu"]))
+    train_loop(ray.get(config["images"]), config["spec"], RaySession(config["use_gpu"]), config["monitor"])
 
 
 def pretrain_with_ray(
-    images: np.ndarray, spec: PretrainSpec, scaling: ScalingConfig, storage_path: str | Path, run_name: str
+    images: np.ndarray,
+    spec: PretrainSpec,
+    scaling: ScalingConfig,
+    storage_path: str | Path,
+    run_name: str,
+    monitor: KnnMonitor | None = None,
 ) -> dict:
     """Train on a Ray cluster and return the final checkpoint (method and optimiser state, history)."""
     connect_ray()
@@ -155,6 +161,7 @@ def pretrain_with_ray(
         train_loop_config={
             "images": ray.put(images),  # through the object store: works on a multi-node cluster too
             "spec": spec,
+            "monitor": monitor,
             "use_gpu": scaling.use_gpu,
             "cpus_per_worker": scaling.cpus_per_worker,
         },

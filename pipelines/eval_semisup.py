@@ -1,0 +1,90 @@
+"""Stage `eval_semisup`: the whole encoder plus a linear head fine-tuned on each label subset of
+data/label_subsets.json, against the same backbone trained from scratch on the same images; mean and spread
+over eval.seeds, on val and test; picture: accuracy against the label fraction."""
+
+import csv
+import json
+
+import torch
+
+from pipelines.common import (
+    ENCODER,
+    LABEL_SUBSETS,
+    METRICS,
+    PLOTS,
+    PREPARED,
+    log_to_encoder_run,
+    mean_std,
+    read_params,
+    run_stage,
+    write_json,
+)
+from selfsup.data.arrays import Manifest, load_split
+from selfsup.errors import DatasetError
+from selfsup.eval.linear import topk_accuracy
+from selfsup.eval.pictures import plot_label_fraction
+from selfsup.eval.semisup import fine_tune, predict_logits
+from selfsup.models import Encoder, load_encoder
+
+
+def main() -> None:
+    params = read_params()
+    config = params.eval.semisup
+    manifest = Manifest.read(PREPARED)
+    subsets = json.loads(LABEL_SUBSETS.read_text())
+    if subsets["train_sha256"] != manifest.splits["train"]["sha256"]:
+        raise DatasetError(f"{LABEL_SUBSETS} was drawn from another training split: run `dvc repro label_subsets`")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train, evaluated = load_split(PREPARED, "train"), {s: load_split(PREPARED, s) for s in ("val", "test")}
+    pretrained, _ = load_encoder(ENCODER)
+    metrics, rows = {}, []
+    for fraction, indices in subsets["subsets"].items():
+        scores: dict[str, list[float]] = {}
+        for seed in params.eval.seeds:
+            torch.manual_seed(seed)  # the scratch baseline's initial weights
+            scratch = Encoder(params.model, manifest.mean, manifest.std, image_size=manifest.image_size[0])
+            for name, encoder in (("top1", pretrained), ("baseline_top1", scratch)):
+                model = fine_tune(
+                    encoder,
+                    train.images[indices],
+                    train.labels[indices],
+                    len(manifest.class_names),
+                    config,
+                    seed,
+                    device,
+                )
+                for split, data in evaluated.items():
+                    logits = predict_logits(model, data.images, params.eval.batch_size, device)
+                    scores.setdefault(f"{split}.{name}", []).append(topk_accuracy(logits, data.labels))
+        key = f"{float(fraction) * 100:g}pct"
+        metrics[key] = {"images": len(indices), "val": {}, "test": {}}
+        for score, values in scores.items():
+            split, name = score.split(".")
+            metrics[key][split][name] = mean_std(values)
+        test = metrics[key]["test"]
+        rows.append(
+            {
+                "fraction": float(fraction),
+                "pretrained_mean": test["top1"]["mean"],
+                "pretrained_std": test["top1"]["std"],
+                "baseline_mean": test["baseline_top1"]["mean"],
+                "baseline_std": test["baseline_top1"]["std"],
+            }
+        )
+        print(
+            f"{float(fraction):.0%} labels ({len(indices)} images), test top-1: {test['top1']['mean']:.2%} ± "
+            f"{test['top1']['std']:.2%} fine-tuned vs {test['baseline_top1']['mean']:.2%} ± "
+            f"{test['baseline_top1']['std']:.2%} from scratch"
+        )
+    write_json(METRICS / "eval_semisup.json", metrics)
+    PLOTS.mkdir(exist_ok=True)
+    with open(PLOTS / "label_fraction.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    picture = plot_label_fraction(rows, PLOTS / "label_fraction.png")
+    log_to_encoder_run(params, "semisup", metrics, [picture])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,28 @@
+"""Stage `label_subsets`: the class-balanced label subsets of semi-supervised evaluation, drawn once.
+
+data/label_subsets.json holds, per fraction of eval.semisup.fractions, the indices into the training
+split: every method and every run is fine-tuned on the same images.
+"""
+
+from pipelines.common import LABEL_SUBSETS, PREPARED, read_params, run_stage, write_json
+from selfsup.data.arrays import Manifest, load_split
+from selfsup.eval.semisup import label_subset
+
+
+def main() -> None:
+    config = read_params().eval.semisup
+    labels = load_split(PREPARED, "train").labels
+    subsets = {str(f): label_subset(labels, f, config.subset_seed).tolist() for f in config.fractions}
+    write_json(
+        LABEL_SUBSETS,
+        {
+            "train_sha256": Manifest.read(PREPARED).splits["train"]["sha256"],
+            "seed": config.subset_seed,
+            **{"subsets": subsets},
+        },
+    )
+    print("label subsets: " + ", ".join(f"{float(f):.0%} = {len(i)} images" for f, i in subsets.items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)
