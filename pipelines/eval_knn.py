@@ -3,29 +3,26 @@ and of its random-init baseline; pictures: a retrieval grid and a t-SNE map of t
 
 import numpy as np
 
-from pipelines.common import FEATURES, METRICS, PLOTS, PREPARED, log_to_encoder_run, read_params, run_stage, write_json
+from pipelines.common import (
+    FEATURES,
+    METRICS,
+    PLOTS,
+    PREPARED,
+    knn_against_baseline,
+    log_to_encoder_run,
+    read_params,
+    run_stage,
+    write_json,
+)
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.eval.features import load_features
-from selfsup.eval.knn import knn_accuracy
 from selfsup.eval.pictures import nearest_neighbours, plot_embedding_map, plot_retrieval_grid
 
 
 def main() -> None:
     params = read_params()
     f = load_features(FEATURES)
-    metrics = {split: {} for split in ("val", "test")}
-    for split in metrics:
-        scores = {
-            encoder: knn_accuracy(
-                f[f"{encoder}_train"], f["train_labels"], f[f"{encoder}_{split}"], f[f"{split}_labels"], params.eval.knn
-            )
-            for encoder in ("pretrained", "baseline")
-        }
-        for k in params.eval.knn.k:
-            metrics[split][f"k{k}"] = {
-                "top1": round(scores["pretrained"][k], 4),
-                "baseline_top1": round(scores["baseline"][k], 4),
-            }
+    metrics = {split: knn_against_baseline(f, split, params.eval.knn) for split in ("val", "test")}
     write_json(METRICS / "eval_knn.json", metrics)
     pictures = _pictures(f, params.train.seed)
     log_to_encoder_run(params, "knn", metrics, pictures)

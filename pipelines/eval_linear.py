@@ -10,15 +10,14 @@ from pipelines.common import (
     METRICS,
     PLOTS,
     PREPARED,
+    linear_against_baseline,
     log_to_encoder_run,
-    mean_std,
     read_params,
     run_stage,
     write_json,
 )
 from selfsup.data.arrays import Manifest
 from selfsup.eval.features import load_features
-from selfsup.eval.linear import topk_accuracy, train_linear_probe
 from selfsup.eval.pictures import plot_confusion_matrix
 
 
@@ -26,27 +25,12 @@ def main() -> None:
     params = read_params()
     f = load_features(FEATURES)
     class_names = Manifest.read(PREPARED).class_names
-    scores: dict[str, list[float]] = {}
-    for encoder in ("pretrained", "baseline"):
-        prefix = "" if encoder == "pretrained" else "baseline_"
-        for seed in params.eval.seeds:
-            probe = train_linear_probe(
-                f[f"{encoder}_train"], f["train_labels"], len(class_names), params.eval.linear, seed
-            )
-            for split in ("val", "test"):
-                logits = probe.logits(f[f"{encoder}_{split}"])
-                for k in (1, 5) if len(class_names) > 5 else (1,):
-                    scores.setdefault(f"{split}.{prefix}top{k}", []).append(
-                        topk_accuracy(logits, f[f"{split}_labels"], k)
-                    )
-                if encoder == "pretrained" and split == "test" and seed == params.eval.seeds[0]:
-                    predictions = logits.argmax(1).numpy()
-    metrics: dict = {"val": {}, "test": {}}
-    for key, values in scores.items():
-        split, name = key.split(".")
-        metrics[split][name] = mean_std(values)
+    topk = (1, 5) if len(class_names) > 5 else (1,)
+    metrics, predictions = linear_against_baseline(
+        f, ("val", "test"), len(class_names), params.eval.linear, params.eval.seeds, topk
+    )
     write_json(METRICS / "eval_linear.json", metrics)
-    pictures = [_confusion(f["test_labels"], predictions, class_names)]
+    pictures = [_confusion(f["test_labels"], predictions["test"], class_names)]
     log_to_encoder_run(params, "linear", metrics, pictures)
     test = metrics["test"]
     print(

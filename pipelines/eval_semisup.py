@@ -14,16 +14,17 @@ from pipelines.common import (
     PLOTS,
     PREPARED,
     log_to_encoder_run,
-    mean_std,
     read_params,
     run_stage,
+    summarise_over_seeds,
     write_json,
 )
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.errors import DatasetError
+from selfsup.eval.features import extract_features
 from selfsup.eval.linear import topk_accuracy
 from selfsup.eval.pictures import plot_label_fraction
-from selfsup.eval.semisup import fine_tune, predict_logits
+from selfsup.eval.semisup import fine_tune
 from selfsup.models import Encoder, load_encoder
 
 
@@ -54,13 +55,10 @@ def main() -> None:
                     device,
                 )
                 for split, data in evaluated.items():
-                    logits = predict_logits(model, data.images, params.eval.batch_size, device)
+                    logits = torch.from_numpy(extract_features(model, data.images, params.eval.batch_size, device))
                     scores.setdefault(f"{split}.{name}", []).append(topk_accuracy(logits, data.labels))
         key = f"{float(fraction) * 100:g}pct"
-        metrics[key] = {"images": len(indices), "val": {}, "test": {}}
-        for score, values in scores.items():
-            split, name = score.split(".")
-            metrics[key][split][name] = mean_std(values)
+        metrics[key] = {"images": len(indices), **summarise_over_seeds(scores)}
         test = metrics[key]["test"]
         rows.append(
             {

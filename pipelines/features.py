@@ -20,17 +20,20 @@ def main() -> None:
     torch.manual_seed(params.train.seed)
     baseline = Encoder(params.model, manifest.mean, manifest.std, image_size=manifest.image_size[0])
     for folder, out in ((PREPARED, FEATURES), (TRANSFER, TRANSFER_FEATURES)):
-        arrays = _features_of_every_split(folder, {"pretrained": encoder, "baseline": baseline}, params.eval.batch_size)
-        save_features(out, **arrays)
-        counts = ", ".join(f"{len(arrays[f'{s}_labels'])} {s}" for s in Manifest.read(folder).splits)
-        print(
-            f"features of {Manifest.read(folder).source}: {arrays['pretrained_train'].shape[1]}-d for {counts} images"
+        dataset = Manifest.read(folder)
+        arrays = _features_of_every_split(
+            folder, dataset, {"pretrained": encoder, "baseline": baseline}, params.eval.batch_size
         )
+        save_features(out, **arrays)
+        counts = ", ".join(f"{info['count']} {split}" for split, info in dataset.splits.items())
+        print(f"features of {dataset.source}: {arrays['pretrained_train'].shape[1]}-d for {counts} images")
 
 
-def _features_of_every_split(folder: Path, encoders: dict[str, Encoder], batch_size: int) -> dict[str, np.ndarray]:
+def _features_of_every_split(
+    folder: Path, manifest: Manifest, encoders: dict[str, Encoder], batch_size: int
+) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
-    for split in Manifest.read(folder).splits:
+    for split in manifest.splits:
         data = load_split(folder, split)
         arrays[f"{split}_labels"] = data.labels
         for name, encoder in encoders.items():

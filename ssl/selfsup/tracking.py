@@ -114,18 +114,19 @@ def pretrain_run(config: MlflowConfig, root: str | Path, *, params: dict, tags: 
 
 @_mlflow_errors()
 def log_history(run_id: str, history: list[dict]) -> None:
-    """Per-epoch metrics as step metrics (step = epoch), in one batched call."""
+    """Per-epoch metrics as step metrics (step = epoch), batched."""
+    rows = [(key, value, row["epoch"]) for row in history for key, value in row.items() if key != "epoch"]
+    _log_metrics(run_id, rows)
+
+
+def _log_metrics(run_id: str, rows: list[tuple[str, float | None, int]]) -> None:
+    """(key, value, step) rows in as few calls as MLflow allows (1000 metrics each); None values are skipped."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [
-        Metric(key, float(value), now, int(row["epoch"]))
-        for row in history
-        for key, value in row.items()
-        if key != "epoch" and value is not None
-    ]
+    metrics = [Metric(key, float(value), now, int(step)) for key, value, step in rows if value is not None]
     client = MlflowClient()
-    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+    for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
@@ -155,11 +156,8 @@ def log_evaluation(
 ) -> str:
     """Add an evaluation's metrics and pictures to the run that trained the encoder; returns the run id."""
     run_id = encoder_run(config, root, encoder_sha256)
+    _log_metrics(run_id, [(key, value, 0) for key, value in metrics.items()])
     client = MlflowClient()
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path="pictures")
     return run_id

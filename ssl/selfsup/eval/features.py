@@ -12,11 +12,17 @@ from selfsup.models import Encoder
 
 
 @torch.no_grad()
-def extract_features(encoder: Encoder, images: np.ndarray, batch_size: int = 512, device: str = "cpu") -> np.ndarray:
-    """uint8 N x H x W x 3 -> float32 N x D, the encoder in eval mode (BatchNorm frozen)."""
-    encoder = encoder.eval().to(device)
+def extract_features(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """uint8 N x H x W x 3 (an array, or a tensor already on the device) -> float32 N x D outputs of `model`
+    (an encoder, or a classifier's scores) in eval mode, BatchNorm frozen."""
+    model = model.eval().to(device)
     chunks = [
-        encoder(to_float_images(torch.from_numpy(images[i : i + batch_size]).to(device))).float().cpu()
+        model(to_float_images(torch.as_tensor(images[i : i + batch_size]).to(device))).float().cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks).numpy()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.config import SemisupConfig, ViewConfig
-from selfsup.data.views import make_view, to_float_images
+from selfsup.data.views import make_view
 from selfsup.models import Encoder
 
 
@@ -91,14 +91,3 @@ def fine_tune(
         optimizer.step()
         schedule.step()
     return model.eval()
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512, device: str | torch.device = "cpu"):
-    """Class scores of uint8 images, the model in eval mode."""
-    model = model.eval().to(device)
-    chunks = [
-        model(to_float_images(torch.from_numpy(images[i : i + batch_size]).to(device))).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(chunks)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from selfsup.config import KnnConfig
-from selfsup.data.views import to_float_images
+from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_accuracy
 
 
@@ -28,18 +28,9 @@ class KnnMonitor:
     def accuracy(self, encoder: torch.nn.Module, train_images: torch.Tensor) -> float:
         """kNN top-1 (a fraction) of the encoder's features; `train_images` are the uint8 images on the device."""
         was_training = encoder.training
-        encoder.eval()  # BatchNorm's running statistics, not this batch's
         device = train_images.device
-
-        def features(images: torch.Tensor) -> np.ndarray:
-            chunks = [
-                encoder(to_float_images(images[i : i + self.batch_size])).float().cpu()
-                for i in range(0, len(images), self.batch_size)
-            ]
-            return torch.cat(chunks).numpy()
-
-        train = features(train_images)
-        val = features(torch.from_numpy(self.val_images).to(device))
+        train = extract_features(encoder, train_images, self.batch_size, device)
+        val = extract_features(encoder, self.val_images, self.batch_size, device)
         encoder.train(was_training)
         config = KnnConfig(k=self.k, temperature=0.07)
         return knn_accuracy(train, self.train_labels, val, self.val_labels, config)[self.k]
