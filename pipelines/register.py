@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pipelines.common import (
     ENCODER,
     METRICS,
+    PLOTS,
     PREPARED,
     ROOT,
     champion_metric_key,
@@ -19,6 +20,7 @@ from selfsup.data.arrays import Manifest, load_split
 from selfsup.models import load_encoder
 
 PROTOCOLS = ("knn", "linear", "semisup", "transfer")
+PICTURES = ("pretrain.png", "retrieval.png", "embedding_map.png", "confusion.png", "label_fraction.png")
 
 
 def main() -> None:
@@ -42,6 +44,7 @@ def main() -> None:
         lineage={"git_commit": _git_commit(), "dataset_sha256": manifest.sha256, "dataset_source": manifest.source},
         example=load_split(PREPARED, "test").images[:2],
         feature_dim=encoder.feature_dim,
+        pictures=[PLOTS / name for name in PICTURES],
     )
     write_json(ROOT / "models" / "registration.json", asdict(registration))
     previous = registration.previous_champion_score

@@ -175,8 +175,10 @@ def register_encoder(
     lineage: dict[str, str],
     example: np.ndarray,
     feature_dim: int,
+    pictures: list[Path] = (),
 ) -> Registration:
-    """Log the encoder as a pyfunc model into the run that trained it, register a version, and set its alias.
+    """Log the encoder as a pyfunc model into the run that trained it, with every protocol's metrics and
+    pictures (evaluations that DVC skipped as up to date logged nothing), register a version, set its alias.
 
     The version becomes `champion` only if `metrics[champion_metric]` (a validation score: nothing is chosen
     on test) beats the current champion's; otherwise it is the `challenger`.
@@ -193,6 +195,8 @@ def register_encoder(
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_metrics(metrics)
         mlflow.set_tags(lineage)
+        for path in pictures:
+            mlflow.log_artifact(str(path), artifact_path="pictures")
         info = mlflow.pyfunc.log_model(
             name="encoder",
             python_model=str(PACKAGE_DIR / "serving.py"),
