@@ -4,6 +4,8 @@ ViTs take other image sizes, and a saved ViT encoder loads back exactly."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,7 +37,21 @@ def residual_last_norm_weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 def test_registry_covers_every_configurable_backbone():
-    assert set(BACKBONE_BUILDERS) == set(BACKBONES)
+    from selfsup.models.torchvision_backbones import TORCHVISION_BUILDERS
+
+    assert set(BACKBONE_BUILDERS) == set(BACKBONES) == {"small_cnn", *TORCHVISION_BUILDERS}
+
+
+def test_a_small_cnn_encoder_round_trips_without_importing_torchvision(tmp_path):
+    """Importing torchvision costs every stage seconds (its ops import torch._dynamo); the small CNN needs none."""
+    script = (
+        "import sys; from selfsup.config import ModelConfig; from selfsup.models import Encoder, save_encoder, "
+        f"load_encoder; save_encoder(Encoder(ModelConfig(), [0.5] * 3, [0.2] * 3, 16), {str(tmp_path / 'e.pt')!r}, "
+        f"[16, 16]); load_encoder({str(tmp_path / 'e.pt')!r}); print(sorted(m for m in sys.modules if "
+        "m.split('.')[0] == 'torchvision'))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
