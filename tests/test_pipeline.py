@@ -134,16 +134,18 @@ def test_second_repro_runs_nothing(tiny_repo):
     assert "up to date" in status.output, status.output
 
 
-def test_switching_the_method_reruns_pretrain_and_what_follows_only(tiny_repo):
-    """A changed pretrain param (here the method itself: BYOL, with an EMA teacher) re-runs pretrain and every
-    stage after it, and only those: the data, the transfer target and the label subsets stay."""
+def test_an_experiment_switching_the_method_reruns_pretrain_and_what_follows_only(tiny_repo):
+    """`dvc exp run` with a changed pretrain param (here the method itself: BYOL, with an EMA teacher) re-runs
+    pretrain and every stage after it, and only those: the data, the transfer target and the label subsets
+    stay. Its MLflow run carries the experiment's name."""
     repo, env = tiny_repo
     first = read_json(repo / "models" / "registration.json")
     subsets = (repo / "data" / "label_subsets.json").read_text()
     run(["git", "add", "-A"], repo, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "simclr"], repo, env)
-    update_params(repo, {"method": {"name": "byol", "byol": SMALL_KNOBS["byol"]}})
-    result = run(["dvc", "repro"], repo, env)
+    knobs = [f"method.byol.{key}={value}" for key, value in SMALL_KNOBS["byol"].items()]
+    command = ["dvc", "exp", "run", "--name", "byol-small", "-S", "method.name=byol"]
+    result = run([*command, *(arg for knob in knobs for arg in ("-S", knob))], repo, env)
     assert result.returncode == 0, result.output
     assert sorted(ran_stages(result.output)) == sorted(STAGES[3:])
     assert (repo / "data" / "label_subsets.json").read_text() == subsets  # the same images for every method
@@ -154,6 +156,14 @@ def test_switching_the_method_reruns_pretrain_and_what_follows_only(tiny_repo):
     expected = "champion" if second["score"] > first["score"] else "challenger"
     assert second["alias"] == expected and second["previous_champion_score"] == first["score"]
 
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment_run = client.get_run(client.get_model_version(second["name"], "2").run_id)
+    assert experiment_run.data.tags["dvc_experiment"] == "byol-small"
+    assert experiment_run.data.params["method.name"] == "byol"
+
     diff = run(["dvc", "metrics", "diff", "HEAD", "--json"], repo, env)
     assert diff.returncode == 0, diff.output
     changed = json.loads(diff.stdout)
@@ -163,16 +173,16 @@ def test_switching_the_method_reruns_pretrain_and_what_follows_only(tiny_repo):
 def test_an_encoder_with_random_weights_is_reported_no_better_than_its_baseline(tiny_repo):
     """The evaluations report what they measure: the random-init encoder itself scores exactly its baseline."""
     repo, env = tiny_repo
+    # The stages' own code, in one process (`dvc repro` would restore the pretrained encoder from its cache).
     script = (
         "import torch; from pipelines.common import *; from selfsup.data.arrays import Manifest; "
         "from selfsup.models import Encoder, save_encoder; p = read_params(); m = Manifest.read(PREPARED); "
         "torch.manual_seed(p.train.seed); "
-        "save_encoder(Encoder(p.model, m.mean, m.std, image_size=16), ENCODER, m.image_size)"
+        "save_encoder(Encoder(p.model, m.mean, m.std, image_size=16), ENCODER, m.image_size); "
+        "from pipelines import features, eval_knn, eval_linear; features.main(); eval_knn.main(); eval_linear.main()"
     )
-    assert run(["python", "-c", script], repo, env).returncode == 0
-    for stage in ("features", "eval_knn", "eval_linear"):  # the stages' own commands: `dvc repro` would restore
-        result = run(["python", "-m", f"pipelines.{stage}"], repo, env)  # the pretrained encoder from its cache
-        assert result.returncode == 0, result.output
+    result = run(["python", "-c", script], repo, env)
+    assert result.returncode == 0, result.output
     knn = read_json(repo / "metrics" / "eval_knn.json")
     for split in knn.values():
         for scores in split.values():
