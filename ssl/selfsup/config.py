@@ -151,7 +151,7 @@ class ViewConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(default=50, ge=1)
+    epochs: int = Field(default=80, ge=1)
     batch_size: int = Field(default=256, ge=1)  # global: split evenly across workers
     optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
     # "auto": the method's own learning rate for SGD and LARS (its `lr`, at batch 256), or 5e-4 for AdamW,
@@ -214,7 +214,7 @@ class LinearConfig(_Section):
 class SemisupConfig(_Section):
     """Fine-tuning the whole encoder plus a linear head on a fraction of the training labels."""
 
-    fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]], AfterValidator(_distinct_sorted)] = [0.01, 0.1]
+    fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]], AfterValidator(_distinct_sorted)] = [0.01, 0.1, 1.0]
     subset_seed: int = 0  # draws the class-balanced subsets once: every method is judged on the same images
     steps: int = Field(default=100, ge=1)  # the same budget at every fraction
     batch_size: int = Field(default=64, ge=1)

@@ -40,7 +40,9 @@ class SimCLR(nn.Module):
     advice = "raise method.simclr.temperature"
 
     class Knobs(MethodKnobs):
-        temperature: float = Field(default=0.2, gt=0)
+        # SimCLR's own CIFAR-10 value (appendix B.9); solo-learn's 0.2 is in recipes/cifar10.yaml. On the digits
+        # 0.5 beats 0.2 on every protocol (linear 98.98% against 97.86% at 100 epochs).
+        temperature: float = Field(default=0.5, gt=0)
         projection_hidden_dim: int = Field(default=2048, ge=1)
         projection_dim: int = Field(default=256, ge=1)
 
@@ -54,6 +56,6 @@ class SimCLR(nn.Module):
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # Both views in one pass: one BatchNorm statistic and half the kernel launches.
         z1, z2 = self.projector(self.encoder(torch.cat(views))).float().chunk(2)
-        # In float32 even under bf16 autocast: logits / 0.2 need finer steps than bf16's 8 bits of mantissa.
+        # In float32 even under bf16 autocast: logits / temperature need finer steps than bf16's 8 bits of mantissa.
         with torch.autocast(z1.device.type, enabled=False):
             return nt_xent_loss(z1, z2, self.knobs.temperature), z1.detach()

@@ -1,0 +1,67 @@
+"""The shipped params on the embedded digits, for real: what pretraining buys on every protocol.
+
+`dvc repro` of the default pipeline (about 2 minutes on 2 cores), then the claims the README makes of it:
+the pretrained encoder beats its random-init baseline on kNN, the linear probe, semi-supervised fine-tuning
+at every label fraction and transfer to MNIST, and more labels do better.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import copy_repo, run, stage_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_repo(tmp_path_factory, shared_ray_address):
+    tmp = tmp_path_factory.mktemp("default")
+    repo = copy_repo(tmp / "repo")
+    env = {**stage_env(tmp, repo), "RAY_ADDRESS": shared_ray_address}
+    result = run(["dvc", "repro"], repo, env, timeout=900)
+    assert result.returncode == 0, result.output
+    return repo
+
+
+def metrics(repo, protocol: str) -> dict:
+    return json.loads((repo / "metrics" / f"eval_{protocol}.json").read_text())
+
+
+def test_the_pretrained_encoder_beats_random_init_on_every_protocol(default_repo):
+    knn = metrics(default_repo, "knn")
+    for split in ("val", "test"):
+        for k, scores in knn[split].items():
+            assert scores["top1"] > scores["baseline_top1"], (split, k, scores)
+    linear = metrics(default_repo, "linear")
+    for split in ("val", "test"):
+        assert linear[split]["top1"]["mean"] > linear[split]["baseline_top1"]["mean"], (split, linear[split])
+    semisup = metrics(default_repo, "semisup")
+    assert semisup.keys() == {"1pct", "10pct", "100pct"}
+    for fraction, scores in semisup.items():
+        assert scores["test"]["top1"]["mean"] > scores["test"]["baseline_top1"]["mean"], (fraction, scores)
+    transfer = metrics(default_repo, "transfer")
+    assert transfer["linear"]["top1"]["mean"] > transfer["linear"]["baseline_top1"]["mean"], transfer["linear"]
+    for k, scores in transfer["knn"].items():
+        assert scores["top1"] > scores["baseline_top1"], (k, scores)
+
+
+def test_more_labels_do_better(default_repo):
+    semisup = metrics(default_repo, "semisup")
+    for encoder in ("top1", "baseline_top1"):
+        assert semisup["10pct"]["test"][encoder]["mean"] > semisup["1pct"]["test"][encoder]["mean"], encoder
+    assert semisup["1pct"]["images"] < semisup["10pct"]["images"] < semisup["100pct"]["images"]
+
+
+def test_the_label_subsets_are_training_images_only(default_repo):
+    """Drawn from the training split (never val or test): indices into train.npz, one class-balanced set each."""
+    subsets = json.loads((default_repo / "data" / "label_subsets.json").read_text())["subsets"]
+    labels = np.load(default_repo / "data" / "prepared" / "train.npz")["labels"]
+    assert [len(indices) for indices in subsets.values()] == [10, 129, len(labels)]
+    for indices in subsets.values():
+        assert len(set(indices)) == len(indices) and max(indices) < len(labels)
+        counts = np.bincount(labels[indices], minlength=10)
+        assert counts.min() >= 1 and counts.max() - counts.min() <= max(2, 0.1 * counts.mean()), counts
