@@ -47,17 +47,20 @@ def run_method(repo: Path, env: dict[str, str], method: str) -> dict:
         print(result.stdout[-3000:] + result.stderr[-3000:], flush=True)
         return {"method": method, "error": (result.stderr or result.stdout).strip().splitlines()[-1]}
     read = lambda name: json.loads((repo / "metrics" / f"{name}.json").read_text())  # noqa: E731
-    knn, linear, pretrain = read("eval_knn"), read("eval_linear"), read("pretrain")
+    pretrain = read("pretrain")
     with (repo / "plots" / "pretrain.csv").open() as file:
         last_epoch = list(csv.DictReader(file))[-1]
     params = read_params(repo / "params.yaml")
+    knn = read("eval_knn")["test"][f"k{reported_k(params)}"]
+    linear = read("eval_linear")["test"]
     return {
         "method": method,
         "lr": learning_rate(params.train, params.method),
+        "knn_k": reported_k(params),
         "knn_top1": knn["top1"],
         "knn_random_init": knn["baseline_top1"],
-        "linear_top1": linear["top1"],
-        "linear_random_init": linear["baseline_top1"],
+        "linear_top1": linear["top1"]["mean"],
+        "linear_random_init": linear["baseline_top1"]["mean"],
         "embedding_std": float(last_epoch["embedding_std"]),
         "effective_rank": float(last_epoch["effective_rank"]),
         "images_per_s": pretrain["images_per_s"],
@@ -66,9 +69,16 @@ def run_method(repo: Path, env: dict[str, str], method: str) -> dict:
     }
 
 
+def reported_k(params) -> int:
+    """The k of the champion's metric (knn_k<K>_top1), else the first of eval.knn.k: one kNN column."""
+    name = params.mlflow.champion_metric
+    return int(name.removeprefix("knn_k").removesuffix("_top1")) if name.startswith("knn_k") else params.eval.knn.k[0]
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| method | lr | kNN top-1 | random init | linear top-1 | random init | std | rank | images/s |",
+        "| method | lr | kNN top-1 (test) | random init | linear top-1 (test, mean over seeds) | random init | std | rank "
+        "| images/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
