@@ -41,9 +41,7 @@ def main() -> None:
             f"params.yaml: train.batch_size={params.train.batch_size} exceeds the {train_count} training "
             f"images of {manifest.source}; allowed: at most {train_count}"
         )
-    spec = PretrainSpec(
-        params.model, params.method, params.views, params.train, manifest.mean, manifest.std, manifest.image_size[0]
-    )
+    spec = PretrainSpec.from_params(params, manifest)
     identity = json.dumps([repr(spec), repr(params.scaling), manifest.sha256, _library_sha256()])
     run_name = f"{params.method.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     _remove_stale_runs(keep=run_name)

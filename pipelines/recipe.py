@@ -15,6 +15,7 @@ import yaml
 from pipelines.common import ROOT, read_params, run_stage
 from selfsup.config import load_params
 from selfsup.errors import ConfigError
+from selfsup.sweep import set_dotted
 
 RECIPES = ROOT / "recipes"
 
@@ -45,11 +46,7 @@ def _flatten(node: dict, prefix: str, into: dict[str, object]) -> None:
 
 def apply(raw: dict, overrides: dict[str, object]) -> dict:
     for dotted, value in overrides.items():
-        *parents, last = dotted.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(raw, dotted, value)
     return raw
 
 

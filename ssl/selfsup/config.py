@@ -179,6 +179,8 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=2.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, gt=0)  # used only when use_gpu
+    # A worker lost mid-run (killed, its node gone) is restarted from the latest checkpoint this many times.
+    max_failures: int = Field(default=3, ge=0)
 
 
 def _k_list(value: Any) -> Any:
@@ -261,6 +263,72 @@ class MlflowConfig(_Section):
     champion_metric: str = "knn_k20_top1"
 
 
+DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+TUNE_METRICS = {"monitor_knn_top1": "max", "loss": "min"}  # what a trial reports each monitored epoch
+
+
+def _one_distribution(value: Any) -> Any:
+    """`{loguniform: [low, high]}`, `{uniform: [low, high]}` or `{choice: [a, b, ...]}`."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError(f"must be one of {{{', '.join(f'{d}: [...]' for d in DISTRIBUTIONS)}}}")
+    (kind, arguments), = value.items()
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(arguments, list) or not arguments:
+        raise ValueError(f"{kind} takes a list: [low, high] or the choices")
+    if kind == "choice":
+        return value
+    numbers = len(arguments) == 2 and all(isinstance(a, int | float) and not isinstance(a, bool) for a in arguments)
+    if not numbers:
+        raise ValueError(f"{kind} takes [low, high], two numbers")
+    low, high = arguments
+    if not low < high:
+        raise ValueError(f"the low bound {low} must be below the high bound {high}")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"loguniform needs a low bound above 0, not {low}")
+    return value
+
+
+Distribution = Annotated[dict[str, list], PlainValidator(_one_distribution)]
+
+
+class AshaConfig(_Section):
+    """ASHA (Li et al., 2020): trials reach rung grace_period * reduction_factor^i epochs; the worse ones stop."""
+
+    grace_period: int = Field(default=2, ge=1)  # epochs every trial runs before it can be stopped
+    reduction_factor: float = Field(default=2.0, gt=1)  # 1 / reduction_factor of the trials go on at each rung
+
+
+class TuneConfig(_Section):
+    """A Ray Tune sweep of pretraining (`python -m pipelines.tune`). Its space is keyed by params.yaml's own names."""
+
+    space: dict[str, Distribution] = {
+        "method.simclr.temperature": {"loguniform": [0.1, 1.0]},
+        "train.lr": {"loguniform": [0.05, 1.0]},
+    }
+    num_samples: int = Field(default=8, ge=1)
+    epochs: int = Field(default=20, ge=1)  # train.epochs of each trial
+    metric: str = "monitor_knn_top1"  # the monitor's validation kNN top-1, or the loss
+    mode: Literal["max", "min"] | None = None  # null: the metric's own (max for accuracy, min for the loss)
+    search: Literal["random", "optuna"] = "random"  # optuna: pip install -e ".[optuna]"
+    seed: int = 0  # of the search's draws: the same params give the same trials
+    asha: AshaConfig | None = AshaConfig()  # null: every trial runs every epoch
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    gpus_per_trial: float = Field(default=0.0, ge=0)  # a fraction lets small trials share a GPU
+    max_concurrent_trials: int | None = Field(default=2, ge=1)  # null: as many as the resources allow
+    storage_path: str | None = None  # null: sweeps/ray in the repo; on a cluster a shared folder or s3://, gs://
+    name: str = Field(default="sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        return _one_of(value, TUNE_METRICS, "metric (what a trial reports)")
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or TUNE_METRICS[self.metric]
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -276,6 +344,7 @@ class Params(_Section):
     scaling: ScalingConfig = ScalingConfig()
     eval: EvalConfig = EvalConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _warmup_ends_before_training(self) -> Params:
@@ -341,6 +410,8 @@ def _describe(error: dict[str, Any]) -> str:
                 where = " and ".join(f"method.{name}" for name in owners)
                 return f"params.yaml: {key} is not a knob of {error['loc'][1]}; {knob} belongs in {where}"
         return f"params.yaml: {key} is not a known key (a typo?); remove or rename it"
+    if error["loc"][:2] == ("tune", "space") and len(error["loc"]) > 2:  # a distribution is a dict, and named by key
+        return f"params.yaml: {key}={error.get('input')!r} is invalid: {message}"
     if not key or isinstance(error.get("input"), dict):  # cross-field: the message names the keys
         return f"params.yaml: {message}"
     return f"params.yaml: {key}={error.get('input')!r} is invalid: {message}"

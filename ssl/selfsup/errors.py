@@ -31,3 +31,7 @@ class TrackingError(SelfsupError):
 
 class CheckpointError(SelfsupError):
     """A checkpoint or saved encoder that cannot be read."""
+
+
+class WorkerLostError(SelfsupError):
+    """Ray Train workers kept failing past scaling.max_failures; the checkpoints written so far are kept."""

@@ -130,6 +130,82 @@ def _log_metrics(run_id: str, rows: list[tuple[str, float | None, int]]) -> None
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
+SWEEP_TAG = "sweep"  # the sweep's folder (storage path + name): a resumed sweep finds its parent run by it
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the trials under the sweep
+
+
+@_mlflow_errors()
+def sweep_parent_run(config: MlflowConfig, root: str | Path, sweep: str, params: dict, resume: bool) -> str:
+    """The sweep's MLflow run (its params: the whole tune section and the base params); a resumed sweep
+    continues the newest run of the same folder. Under `dvc exp run` it is tagged with the experiment's name."""
+    experiment_id = use_experiment(config, root)
+    client = MlflowClient()
+    if resume:
+        runs = client.search_runs(
+            [experiment_id], f"tags.{SWEEP_TAG} = '{sweep}'", order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if runs:
+            client.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
+    tags = {"stage": "tune", SWEEP_TAG: sweep}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    run = client.create_run(experiment_id, tags=tags, run_name=f"sweep {Path(sweep).name}")
+    flat = _flatten(params)
+    from mlflow.entities import Param
+
+    items = [Param(key, value[:6000]) for key, value in flat.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return run.info.run_id
+
+
+@_mlflow_errors()
+def end_sweep_run(run_id: str, best: dict[str, float], artifacts: list[Path], status: str = "FINISHED") -> None:
+    client = MlflowClient()
+    _log_metrics(run_id, [(key, value, 0) for key, value in best.items()])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path="sweep")
+    client.set_terminated(run_id, status)
+
+
+class TrialRuns:
+    """A child run per trial under a sweep's run, found again by its trial id when a sweep resumes. Holds ids only
+    (Ray Tune keeps its callbacks in the sweep's state), and writes through the tracking URI set for the sweep."""
+
+    def __init__(self, experiment_id: str, parent_run_id: str):
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.run_ids: dict[str, str] = {}
+
+    @_mlflow_errors()
+    def start(self, trial_id: str, sampled: dict) -> str:
+        if trial_id in self.run_ids:
+            return self.run_ids[trial_id]
+        client = MlflowClient()
+        found = client.search_runs(
+            [self.experiment_id], f"tags.{PARENT_TAG} = '{self.parent_run_id}' and tags.trial = '{trial_id}'"
+        )
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            tags = {PARENT_TAG: self.parent_run_id, "trial": trial_id, "stage": "tune-trial"}
+            run_id = client.create_run(self.experiment_id, tags=tags, run_name=f"trial {trial_id}").info.run_id
+            from mlflow.entities import Param
+
+            client.log_batch(run_id, params=[Param(key, str(value)) for key, value in sampled.items()])
+        self.run_ids[trial_id] = run_id
+        return run_id
+
+    @_mlflow_errors()
+    def log(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
+        _log_metrics(self.run_ids[trial_id], [(key, value, step) for key, value in metrics.items()])
+
+    @_mlflow_errors()
+    def end(self, trial_id: str, status: str) -> None:
+        if trial_id in self.run_ids:
+            MlflowClient().set_terminated(self.run_ids[trial_id], status)
+
+
 @_mlflow_errors()
 def encoder_run(config: MlflowConfig, root: str | Path, encoder_sha256: str) -> str:
     """The id of the newest run that trained this encoder (found by its sha256 tag). When there is none (the

@@ -21,6 +21,8 @@ def extract_features(
     """uint8 N x H x W x 3 (an array, or a tensor already on the device) -> float32 N x D outputs of `model`
     (an encoder, or a classifier's scores) in eval mode, BatchNorm frozen."""
     model = model.eval().to(device)
+    if isinstance(images, np.ndarray) and not images.flags.writeable:  # e.g. from Ray's object store
+        images = images.copy()  # torch warns on read-only memory it wraps
     chunks = [
         model(to_float_images(torch.as_tensor(images[i : i + batch_size]).to(device))).float().cpu()
         for i in range(0, len(images), batch_size)

@@ -24,7 +24,7 @@ def knn_predict(
 ) -> dict[int, np.ndarray]:
     """Predicted labels of the test features, for each k of config.k (k is clipped to the training set)."""
     train = F.normalize(torch.from_numpy(train_features).float(), dim=1)
-    labels = torch.from_numpy(train_labels).long()
+    labels = torch.tensor(train_labels, dtype=torch.long)  # a copy: arrays from Ray's object store are read-only
     num_classes, largest = int(labels.max()) + 1, min(max(config.k), len(train))
     predictions: dict[int, list[torch.Tensor]] = {k: [] for k in config.k}
     for start in range(0, len(test_features), chunk):  # chunks bound the similarity matrix's memory

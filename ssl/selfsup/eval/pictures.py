@@ -284,3 +284,37 @@ def plot_retrieval_grid(
     """
     fig = _retrieval_figure(query_images, query_labels, neighbour_images, neighbour_labels, class_names)
     return _save(fig, path)
+
+
+def plot_sweep(
+    values: dict[str, Sequence],
+    scores: Sequence[float | None],
+    metric: str,
+    mode: str,
+    log_keys: Sequence[str],
+    path: str | Path,
+) -> Path:
+    """A sweep's metric against each searched param, one panel per param (a point per trial): where the good
+    region lies, and whether the range was wide enough. Trials that never reported the metric are left out."""
+    if not values:
+        raise ValueError("plot_sweep: no searched params")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(values), figsize=(4 * len(values), 3.2), layout="constrained", squeeze=False)
+    kept = [i for i, score in enumerate(scores) if score is not None]
+    best = (max if mode == "max" else min)(kept, key=lambda i: scores[i]) if kept else None
+    for ax, (key, column) in zip(axes[0], values.items()):
+        numeric = all(isinstance(column[i], int | float) and not isinstance(column[i], bool) for i in kept)
+        xs = [column[i] if numeric else str(column[i]) for i in kept]
+        ax.scatter(xs, [scores[i] for i in kept], color="#1f77b4")
+        if best is not None:
+            ax.scatter([xs[kept.index(best)]], [scores[best]], color=OTHER_CLASS, marker="*", s=150, label="best")
+            ax.legend()
+        if key in log_keys:
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap on a short range
+        ax.set(xlabel=key, ylabel=metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metric} of {len(kept)} trials")
+    return _save(fig, path)

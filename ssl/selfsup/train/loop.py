@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from selfsup.config import MethodConfig, ModelConfig, TrainConfig, ViewConfig, learning_rate
+from selfsup.config import MethodConfig, ModelConfig, Params, TrainConfig, ViewConfig, learning_rate
+from selfsup.data.arrays import Manifest
 from selfsup.data.views import view_generator
 from selfsup.errors import CheckpointError, CollapseError, ConfigError, NonFiniteLossError
 from selfsup.methods import TrainingProgress, build_method, method_views
@@ -48,6 +49,13 @@ class PretrainSpec:
 
     def __post_init__(self) -> None:
         _check_patches_tile_every_view(self)
+
+    @classmethod
+    def from_params(cls, params: Params, manifest: Manifest) -> PretrainSpec:
+        """What params.yaml says of pretraining, on the prepared dataset the manifest describes."""
+        return cls(
+            params.model, params.method, params.views, params.train, manifest.mean, manifest.std, manifest.image_size[0]
+        )
 
 
 def _check_patches_tile_every_view(spec: PretrainSpec) -> None:

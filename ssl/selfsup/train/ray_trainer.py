@@ -30,7 +30,7 @@ import ray.train  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from selfsup.config import ScalingConfig  # noqa: E402
-from selfsup.errors import ConfigError, RayClusterError, SelfsupError  # noqa: E402
+from selfsup.errors import ConfigError, RayClusterError, SelfsupError, WorkerLostError  # noqa: E402
 from selfsup.reachability import unreachable  # noqa: E402
 from selfsup.train.loop import CHECKPOINT_FILE, PretrainSpec, load_checkpoint, train_loop  # noqa: E402
 from selfsup.train.monitor import KnnMonitor  # noqa: E402
@@ -92,19 +92,15 @@ def check_resources(scaling: ScalingConfig) -> None:
             )
 
 
-class RaySession:
-    """The loop's `Session` on a Ray Train worker: its rank, its device, checkpoints through Ray."""
+class CheckpointsThroughRay:
+    """The loop's checkpoints through a Ray API that has `report`, `get_checkpoint` and `Checkpoint`: Ray Train's
+    for a pretraining worker, Ray Tune's for a trial."""
 
-    def __init__(self, use_gpu: bool):
-        import torch
-        from ray.train.torch import get_device
-
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.device = get_device() if use_gpu else torch.device("cpu")
+    def __init__(self, api):
+        self._api = api
 
     def latest_checkpoint(self) -> dict | None:
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self._api.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
@@ -114,11 +110,24 @@ class RaySession:
         import torch
 
         if checkpoint is None:
-            ray.train.report(metrics)
+            self._api.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
             torch.save(checkpoint, Path(folder) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            self._api.report(metrics, checkpoint=self._api.Checkpoint.from_directory(folder))
+
+
+class RaySession(CheckpointsThroughRay):
+    """The loop's `Session` on a Ray Train worker: its rank, its device, checkpoints through Ray Train."""
+
+    def __init__(self, use_gpu: bool):
+        import torch
+        from ray.train.torch import get_device
+
+        super().__init__(ray.train)
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = get_device() if use_gpu else torch.device("cpu")
 
 
 def quiet_ray_train_worker() -> None:
@@ -133,13 +142,18 @@ def quiet_ray_train_worker() -> None:
         pass
 
 
-def _ray_worker(config: dict) -> None:
+def _ray_worker(config: dict) -> SelfsupError | None:
     """Runs on each Ray worker: adapt Ray's context to the loop's Session and run the loop."""
     import torch
 
     quiet_ray_train_worker()
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    train_loop(ray.get(config["images"]), config["spec"], RaySession(config["use_gpu"]), config["monitor"])
+    try:
+        train_loop(ray.get(config["images"]), config["spec"], RaySession(config["use_gpu"]), config["monitor"])
+    except SelfsupError as error:
+        # Returned, not raised: a raise counts as a lost worker and is retried (scaling.max_failures), but a NaN
+        # loss or a collapse would only recur. Every rank meets it at the same epoch (the loss is all-reduced).
+        return error
 
 
 def pretrain_with_ray(
@@ -173,25 +187,33 @@ def pretrain_with_ray(
             name=run_name,
             storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our per-epoch line is enough
         ),
     )
     try:
         result = trainer.fit()
     except ray.train.WorkerGroupError as error:
-        raise _root_cause(error) from None
+        raise _workers_lost(error, scaling.max_failures, Path(storage_path) / run_name) from None
+    if isinstance(result.return_value, SelfsupError):
+        raise result.return_value
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint; see the logs under {storage_path}")
     with result.checkpoint.as_directory() as folder:
         return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
 
 
-def _root_cause(error: ray.train.WorkerGroupError) -> Exception:
-    """A worker's own actionable error (a NaN loss, a too-large batch), not Ray's wrapper around it."""
-    for failure in error.worker_failures.values():
-        cause = failure
-        while cause is not None and not isinstance(cause, SelfsupError):
-            cause = cause.__cause__
-        if cause is not None:
-            return cause
-    return error
+def _workers_lost(error: ray.train.WorkerGroupError, max_failures: int, run_folder: Path) -> WorkerLostError:
+    """One line for retries run out: what failed last, and the checkpoint the next `dvc repro` resumes from."""
+    reasons = [str(failure).strip().splitlines()[-1] for failure in error.worker_failures.values() if str(failure)]
+    reason = reasons[0][:300] if reasons else type(error).__name__
+    checkpoints = sorted(run_folder.glob("checkpoint_*")) if run_folder.is_dir() else []
+    kept = (
+        f"the latest checkpoint is kept in {checkpoints[-1]}: `dvc repro` resumes from it"
+        if checkpoints
+        else "no checkpoint was written yet: `dvc repro` starts again"
+    )
+    return WorkerLostError(
+        f"a Ray Train worker failed {max_failures + 1} time(s), past scaling.max_failures={max_failures} "
+        f"(last: {reason}); {kept}"
+    )

@@ -1,0 +1,173 @@
+"""Ray Tune sweeps for real: the `tune` stage on the embedded digits, ASHA, MLflow's parent and child runs, a
+killed driver resumed, and a two-node cluster."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_repo, ray_cluster, run, stage_env, update_params
+
+pytestmark = pytest.mark.slow
+
+TINY_SWEEP = {
+    "train": {"batch_size": 128, "warmup_epochs": 0, "monitor_every": 1},
+    "tune": {
+        "num_samples": 4,
+        "epochs": 2,
+        "max_concurrent_trials": 2,
+        "space": {"method.simclr.temperature": {"loguniform": [0.1, 1.0]}, "train.lr": {"loguniform": [0.001, 1.0]}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def sweep_repo(tmp_path_factory, shared_ray_address):
+    tmp = tmp_path_factory.mktemp("tune")
+    repo = copy_repo(tmp / "repo")
+    update_params(repo, TINY_SWEEP)
+    env = {**stage_env(tmp, repo), "RAY_ADDRESS": shared_ray_address}
+    assert run(["dvc", "repro", "prepare"], repo, env).returncode == 0
+    return repo, env
+
+
+def trials(repo: Path) -> list[dict]:
+    with open(repo / "sweeps" / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def trial_results(repo: Path, name: str = "sweep") -> dict[str, list[dict]]:
+    """Each trial's reports as Tune recorded them (its result.json), by trial folder."""
+    return {
+        folder.name: [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        for folder in (repo / "sweeps" / "ray" / name).glob("_trial_*")
+        if (folder / "result.json").is_file()
+    }
+
+
+def mlflow_runs(repo: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("selfsup")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "tune"]
+    children = [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
+    return client, parents, children
+
+
+def test_a_sweep_is_a_dvc_stage_run_when_asked(sweep_repo):
+    """`dvc repro sweeps/dvc.yaml` runs it (a plain `dvc repro` runs the ten stages of ./dvc.yaml only, as
+    test_pipeline.py checks)."""
+    repo, env = sweep_repo
+    result = run(["dvc", "repro", "sweeps/dvc.yaml"], repo, env)
+    assert result.returncode == 0, result.output
+    assert "Running stage 'sweeps/dvc.yaml:tune'" in result.output
+
+    rows = trials(repo)
+    assert len(rows) == 4 and {row["status"] for row in rows} <= {"completed", "stopped early"}
+    scores = [float(row["monitor_knn_top1"]) for row in rows]
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)  # best first
+    best = yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())
+    assert best["method"]["simclr"]["temperature"] == pytest.approx(float(rows[0]["method.simclr.temperature"]))
+    assert best["train"]["lr"] == pytest.approx(float(rows[0]["train.lr"]))
+    assert (repo / "sweeps" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((repo / "sweeps" / "best.json").read_text())["trials"] == 4
+
+    adopt = run(["python", "-m", "pipelines.tune", "--adopt"], repo, env)
+    assert adopt.stdout.split() == [
+        "-S",
+        f"method.simclr.temperature={best['method']['simclr']['temperature']}",
+        "-S",
+        f"train.lr={best['train']['lr']}",
+    ]
+
+    client, parents, children = mlflow_runs(repo)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    for child in children:
+        assert set(child.data.params) == {"method.simclr.temperature", "train.lr"}
+        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "monitor_knn_top1")]
+        assert epochs == list(range(1, len(epochs) + 1)) and epochs, epochs  # one point per monitored epoch
+    assert parents[0].data.metrics["best_monitor_knn_top1"] == pytest.approx(scores[0])
+
+
+def test_asha_stops_poor_trials_early(sweep_repo):
+    repo, env = sweep_repo
+    update_params(
+        repo,
+        {"tune": {"epochs": 4, "max_concurrent_trials": 1, "asha": {"grace_period": 1, "reduction_factor": 2}}},
+    )
+    result = run(["python", "-m", "pipelines.tune"], repo, env)
+    assert result.returncode == 0, result.output
+    rows = trials(repo)
+    stopped = [row for row in rows if row["status"] == "stopped early"]
+    assert stopped and all(int(row["epochs"]) < 4 for row in stopped), rows
+    assert any(row["status"] == "completed" and int(row["epochs"]) == 4 for row in rows)
+    assert json.loads((repo / "sweeps" / "best.json").read_text())["stopped_early"] == len(stopped)
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_repo):
+    repo, env = sweep_repo
+    update_params(repo, {"tune": {"name": "resumed", "epochs": 3, "max_concurrent_trials": 1, "asha": None}})
+    driver = subprocess.Popen(
+        ["python", "-m", "pipelines.tune"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # one trial done and the next one under way
+            results = trial_results(repo, "resumed")
+            done = [name for name, reports in results.items() if reports and reports[-1]["epoch"] == 3]
+            if done and len(results) >= 2:
+                break
+            time.sleep(0.5)
+        time.sleep(3)  # past one save of the sweep's state (TUNE_GLOBAL_CHECKPOINT_S=2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finished = {name: len(reports) for name, reports in trial_results(repo, "resumed").items() if reports[-1]["epoch"] == 3}
+    assert finished, "no trial finished before the deadline"
+
+    resumed = run(["python", "-m", "pipelines.tune", "--resume"], repo, env)
+    assert resumed.returncode == 0, resumed.output
+    rows = trials(repo)
+    assert len(rows) == 4 and all(row["status"] == "completed" for row in rows), rows
+    after = trial_results(repo, "resumed")
+    for name, reports in finished.items():
+        assert len(after[name]) == reports, name  # a finished trial was not run again
+    _, parents, children = mlflow_runs(repo)
+    ours = [p for p in parents if p.data.tags["sweep"].endswith("/resumed")]
+    assert len(ours) == 1 and ours[0].info.status == "FINISHED"  # the resumed sweep continued its run
+    assert len([c for c in children if c.data.tags["mlflow.parentRunId"] == ours[0].info.run_id]) == 4
+
+
+def test_trials_spread_over_the_nodes_of_a_cluster(sweep_repo, tmp_path):
+    repo, env = sweep_repo
+    update_params(repo, {"tune": {"name": "cluster", "num_samples": 2, "epochs": 2, "max_concurrent_trials": 2}})
+    with ray_cluster(env, node_cpus=[1, 1]) as address:  # a head and a worker node, one CPU each, on loopback
+        result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": address})
+    assert result.returncode == 0, result.output
+    nodes = {reports[-1]["node_id"] for reports in trial_results(repo, "cluster").values()}
+    assert len(nodes) == 2, nodes
+
+
+def test_an_unreachable_cluster_fails_fast_with_the_fix(sweep_repo):
+    repo, env = sweep_repo
+    result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": "127.0.0.1:1"}, timeout=60)
+    assert result.returncode == 2 and "RAY_ADDRESS=127.0.0.1:1 is unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
