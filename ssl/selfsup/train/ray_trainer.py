@@ -188,7 +188,9 @@ def pretrain_with_ray(
             storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our per-epoch line is enough
+            # Our per-epoch line is enough; at WARNING a worker lost and restarted also prints Ray's 30-line traceback
+            # of the backend's shutdown ("expected if one of the workers has crashed").
+            logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
     try:
@@ -206,8 +208,8 @@ def pretrain_with_ray(
 def _workers_lost(error: ray.train.WorkerGroupError, max_failures: int, run_folder: Path) -> WorkerLostError:
     """One line for retries run out: what failed last, and the checkpoint the next `dvc repro` resumes from."""
     reasons = [str(failure).strip().splitlines()[-1] for failure in error.worker_failures.values() if str(failure)]
-    reason = reasons[0][:300] if reasons else type(error).__name__
-    checkpoints = sorted(run_folder.glob("checkpoint_*")) if run_folder.is_dir() else []
+    reason = reasons[0].split(". ")[0][:200] if reasons else type(error).__name__  # its first sentence
+    checkpoints = sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir()) if run_folder.is_dir() else []
     kept = (
         f"the latest checkpoint is kept in {checkpoints[-1]}: `dvc repro` resumes from it"
         if checkpoints
