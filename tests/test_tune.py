@@ -44,11 +44,11 @@ def trials(repo: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def trial_results(repo: Path, name: str = "sweep") -> dict[str, list[dict]]:
+def trial_results(repo: Path, name: str = "sweep", storage: Path | None = None) -> dict[str, list[dict]]:
     """Each trial's reports as Tune recorded them (its result.json), by trial folder."""
     return {
         folder.name: [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
-        for folder in (repo / "sweeps" / "ray" / name).glob("_trial_*")
+        for folder in ((storage or repo / "sweeps" / "ray") / name).glob("_trial_*")
         if (folder / "result.json").is_file()
     }
 
@@ -156,13 +156,16 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_repo):
     assert len([c for c in children if c.data.tags["mlflow.parentRunId"] == ours[0].info.run_id]) == 4
 
 
-def test_trials_spread_over_the_nodes_of_a_cluster(sweep_repo, tmp_path):
+def test_trials_spread_over_the_nodes_of_a_cluster_into_storage_given_as_a_uri(sweep_repo, tmp_path):
+    """On a cluster the sweep's state goes where every node sees it: here a file:// URI, as s3:// would be."""
     repo, env = sweep_repo
-    update_params(repo, {"tune": {"name": "cluster", "num_samples": 2, "epochs": 2, "max_concurrent_trials": 2}})
+    shared = tmp_path / "shared"
+    tune = {"name": "cluster", "num_samples": 2, "epochs": 2, "max_concurrent_trials": 2, "storage_path": shared.as_uri()}
+    update_params(repo, {"tune": tune})
     with ray_cluster(env, node_cpus=[1, 1]) as address:  # a head and a worker node, one CPU each, on loopback
         result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": address})
     assert result.returncode == 0, result.output
-    nodes = {reports[-1]["node_id"] for reports in trial_results(repo, "cluster").values()}
+    nodes = {reports[-1]["node_id"] for reports in trial_results(repo, "cluster", shared).values()}
     assert len(nodes) == 2, nodes
 
 
