@@ -77,8 +77,8 @@ def reported_k(params) -> int:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| method | lr | kNN top-1 (test) | random init | linear top-1 (test, mean over seeds) | random init | std | rank "
-        "| images/s |",
+        "| method | lr | kNN top-1 (test) | random init | linear top-1 (test, mean over seeds) | random init "
+        "| std | rank | images/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -78,7 +78,8 @@ def main() -> None:
     write_trials_csv(ranked, keys, metric, SWEEPS / "trials.csv")
     log_keys = [key for key, distribution in config.space.items() if "loguniform" in distribution]
     values = {key: [t.values[key] for t in ranked] for key in keys}
-    plot_sweep(values, [t.metric for t in ranked], metric, mode, log_keys, SWEEPS / "sweep.png")
+    finished = [t.status == "completed" for t in ranked]
+    plot_sweep(values, [t.metric for t in ranked], metric, mode, log_keys, SWEEPS / "sweep.png", finished)
     write_best_params(ranked[0], metric, BEST_PARAMS)
     summary = {
         f"best_{metric}": ranked[0].metric,

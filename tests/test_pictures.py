@@ -24,6 +24,7 @@ from selfsup.eval.pictures import (  # noqa: E402
     plot_embedding_map,
     plot_label_fraction,
     plot_retrieval_grid,
+    plot_sweep,
     plot_training_curves,
 )
 
@@ -197,3 +198,15 @@ def test_retrieval_grid_rejects_mismatched_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="disagree"):
         plot_retrieval_grid(query_images, query_labels, neighbour_images, neighbour_labels[:, :2], tmp_path / "r.png")
     assert plt.get_fignums() == []
+
+
+def test_sweep_plot_has_a_panel_per_searched_param_and_is_deterministic(tmp_path: Path) -> None:
+    values = {"train.lr": [0.05, 0.1, 0.5, 0.9], "method.name": ["simclr", "moco", "simclr", "byol"]}
+    scores = [0.9, None, 0.95, 0.7]  # the second trial never reported
+    first = plot_sweep(values, scores, "monitor_knn_top1", "max", ["train.lr"], tmp_path / "a.png", [1, 0, 1, 0])
+    image = assert_png(tmp_path / "a.png", first)
+    assert image.shape[1] > image.shape[0]  # two panels side by side
+    second = plot_sweep(values, scores, "monitor_knn_top1", "max", ["train.lr"], tmp_path / "b.png", [1, 0, 1, 0])
+    assert first.read_bytes() == second.read_bytes()
+    with pytest.raises(ValueError, match="no searched params"):
+        plot_sweep({}, [], "loss", "min", [], tmp_path / "c.png")

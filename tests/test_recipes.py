@@ -22,7 +22,11 @@ RECIPE_METHODS = [
 @pytest.mark.parametrize(("recipe", "method"), RECIPE_METHODS)
 def test_every_recipe_is_valid_params(recipe, method):
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.recipe", recipe, method], capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-m", "pipelines.recipe", recipe, method],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert f"-S method.name={method}" in result.stdout
@@ -30,6 +34,10 @@ def test_every_recipe_is_valid_params(recipe, method):
 
 def test_a_recipe_that_does_not_exist_is_named():
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.recipe", "imagenet", "simclr"], capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-m", "pipelines.recipe", "imagenet", "simclr"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert result.returncode == 2 and "no recipe 'imagenet'" in result.stderr and "known: cifar10" in result.stderr

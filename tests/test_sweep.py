@@ -46,7 +46,10 @@ def test_the_shipped_search_space_is_valid():
         ({"train.lr": {"loguniform": [1.0, 0.1]}}, "the low bound 1.0 must be below the high bound 0.1"),
         ({"train.lr": {"loguniform": [0.1, 0.1]}}, "the low bound 0.1 must be below the high bound 0.1"),
         ({"train.lr": {"loguniform": [0.0, 0.1]}}, "loguniform needs a low bound above 0"),
-        ({"train.lr": {"lognormal": [0.1, 1.0]}}, "unknown distribution 'lognormal'; allowed: loguniform, uniform, choice"),
+        (
+            {"train.lr": {"lognormal": [0.1, 1.0]}},
+            "unknown distribution 'lognormal'; allowed: loguniform, uniform, choice",
+        ),
         ({"train.lr": {"uniform": [0.1]}}, "uniform takes [low, high], two numbers"),
         ({"train.lr": 0.3}, "must be one of"),
     ],

@@ -140,7 +140,9 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_repo):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    finished = {name: len(reports) for name, reports in trial_results(repo, "resumed").items() if reports[-1]["epoch"] == 3}
+    finished = {
+        name: len(reports) for name, reports in trial_results(repo, "resumed").items() if reports[-1]["epoch"] == 3
+    }
     assert finished, "no trial finished before the deadline"
 
     resumed = run(["python", "-m", "pipelines.tune", "--resume"], repo, env)
@@ -160,7 +162,13 @@ def test_trials_spread_over_the_nodes_of_a_cluster_into_storage_given_as_a_uri(s
     """On a cluster the sweep's state goes where every node sees it: here a file:// URI, as s3:// would be."""
     repo, env = sweep_repo
     shared = tmp_path / "shared"
-    tune = {"name": "cluster", "num_samples": 2, "epochs": 2, "max_concurrent_trials": 2, "storage_path": shared.as_uri()}
+    tune = {
+        "name": "cluster",
+        "num_samples": 2,
+        "epochs": 2,
+        "max_concurrent_trials": 2,
+        "storage_path": shared.as_uri(),
+    }
     update_params(repo, {"tune": tune})
     with ray_cluster(env, node_cpus=[1, 1]) as address:  # a head and a worker node, one CPU each, on loopback
         result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": address})

@@ -271,7 +271,7 @@ def _one_distribution(value: Any) -> Any:
     """`{loguniform: [low, high]}`, `{uniform: [low, high]}` or `{choice: [a, b, ...]}`."""
     if not isinstance(value, dict) or len(value) != 1:
         raise ValueError(f"must be one of {{{', '.join(f'{d}: [...]' for d in DISTRIBUTIONS)}}}")
-    (kind, arguments), = value.items()
+    ((kind, arguments),) = value.items()
     if kind not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
     if not isinstance(arguments, list) or not arguments:

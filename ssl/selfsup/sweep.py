@@ -117,7 +117,9 @@ def write_trials_csv(trials: list[TrialResult], keys: list[str], metric: str, pa
         writer = csv.writer(out)
         writer.writerow(["trial", metric, "epochs", "status", *keys])
         for t in trials:
-            writer.writerow([t.trial_id, "" if t.metric is None else t.metric, t.epochs, t.status, *(t.values[k] for k in keys)])
+            writer.writerow(
+                [t.trial_id, "" if t.metric is None else t.metric, t.epochs, t.status, *(t.values[k] for k in keys)]
+            )
 
 
 def trials_table(trials: list[TrialResult], keys: list[str], metric: str) -> str:
@@ -126,7 +128,13 @@ def trials_table(trials: list[TrialResult], keys: list[str], metric: str) -> str
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for t in trials:
         score = "" if t.metric is None else f"{t.metric:.4f}"
-        cells = [t.trial_id, score, str(t.epochs), t.status, *(f"{t.values[k]:.4g}" if isinstance(t.values[k], float) else str(t.values[k]) for k in keys)]
+        cells = [
+            t.trial_id,
+            score,
+            str(t.epochs),
+            t.status,
+            *(f"{t.values[k]:.4g}" if isinstance(t.values[k], float) else str(t.values[k]) for k in keys),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

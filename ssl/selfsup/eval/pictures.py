@@ -293,28 +293,39 @@ def plot_sweep(
     mode: str,
     log_keys: Sequence[str],
     path: str | Path,
+    finished: Sequence[bool] | None = None,
 ) -> Path:
     """A sweep's metric against each searched param, one panel per param (a point per trial): where the good
-    region lies, and whether the range was wide enough. Trials that never reported the metric are left out."""
+    region lies, and whether the range was wide enough. Trials stopped early (hollow) scored at fewer epochs;
+    trials that never reported the metric are left out."""
     if not values:
         raise ValueError("plot_sweep: no searched params")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(values), figsize=(4 * len(values), 3.2), layout="constrained", squeeze=False)
     kept = [i for i, score in enumerate(scores) if score is not None]
+    finished = finished if finished is not None else [True] * len(scores)
     best = (max if mode == "max" else min)(kept, key=lambda i: scores[i]) if kept else None
     for ax, (key, column) in zip(axes[0], values.items()):
         numeric = all(isinstance(column[i], int | float) and not isinstance(column[i], bool) for i in kept)
-        xs = [column[i] if numeric else str(column[i]) for i in kept]
-        ax.scatter(xs, [scores[i] for i in kept], color="#1f77b4")
+        x = {i: column[i] if numeric else str(column[i]) for i in kept}
+        for done, style, label in (
+            (True, {"color": "#1f77b4"}, "ran every epoch"),
+            (False, {"facecolors": "none", "edgecolors": "#1f77b4"}, "stopped early"),
+        ):
+            chosen = [i for i in kept if bool(finished[i]) == done]
+            if chosen:
+                ax.scatter([x[i] for i in chosen], [scores[i] for i in chosen], label=label, **style)
         if best is not None:
-            ax.scatter([xs[kept.index(best)]], [scores[best]], color=OTHER_CLASS, marker="*", s=150, label="best")
-            ax.legend()
+            ax.scatter([x[best]], [scores[best]], color=OTHER_CLASS, marker="*", s=150, label="best")
         if key in log_keys:
-            from matplotlib.ticker import NullFormatter
-
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap on a short range
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labels within a single decade too
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=key, ylabel=metric)
         ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
     fig.suptitle(f"{metric} of {len(kept)} trials")
     return _save(fig, path)

@@ -54,11 +54,11 @@ class TuneSession(CheckpointsThroughRay):
 
 def _trial(sampled: dict[str, Any], *, base: dict, manifest: Manifest, images: np.ndarray, monitor: KnnMonitor):
     """One trial, in its own Ray worker process: the pipeline's params with the sampled values, the one loop."""
+    import logging
+
     import torch
 
     from selfsup.config import load_params
-
-    import logging
 
     quiet_ray_train_worker()
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
@@ -85,9 +85,8 @@ def _search_algorithm(config: TuneConfig):
 
         return BasicVariantGenerator(random_state=config.seed)  # Tune's own: num_samples independent draws
     try:
-        from ray.tune.search.optuna import OptunaSearch
-
         import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise ConfigError(
             'params.yaml: tune.search=optuna needs Optuna: pip install -e ".[optuna]", or set tune.search: random'
