@@ -104,7 +104,8 @@ def make_step(images: np.ndarray, args: argparse.Namespace, precision: str, comp
     )
     sample = images[:: max(1, len(images) // 4096)].reshape(-1, 3) / 255.0  # a sample's statistics will do
     mean, std = sample.mean(0).tolist(), sample.std(0).tolist()
-    spec = PretrainSpec(params.model, params.method, params.views, params.train, mean, std, images.shape[1])
+    # 10 classes: what a method that trains on labels (the supervised reference) gets; the others ignore it.
+    spec = PretrainSpec(params.model, params.method, params.views, params.train, mean, std, images.shape[1], 10)
     return single_process_step(spec, torch.device(args.device))
 
 
@@ -140,9 +141,12 @@ def ours(step: TrainStep, images: np.ndarray, args: argparse.Namespace) -> float
     data = torch.tensor(images, device=device)
     generator = view_generator(seed=0, epoch=0, rank=0, device=device)
 
+    takes_labels = getattr(step.model, "uses_labels", False)  # the supervised reference: labels to time it with
+
     def train_step() -> torch.Tensor:
         batch = torch.randint(len(data), (args.batch_size,), device=device, generator=generator)
-        return step(data[batch], generator, PROGRESS)
+        labels = torch.randint(10, (args.batch_size,), device=device, generator=generator) if takes_labels else None
+        return step(data[batch], generator, PROGRESS, labels)
 
     return images_per_second(train_step, args, args.warmup)
 

@@ -63,7 +63,8 @@ def main() -> None:
     }
     with pretrain_run(params.mlflow, ROOT, params=tracked, tags=tags) as run_id:
         started = time.perf_counter()
-        state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor)
+        labels = train.labels if spec.uses_labels else None  # the supervised reference, a labelled auxiliary loss
+        state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor, labels)
         wall = time.perf_counter() - started
 
         method = build_model(spec)

@@ -145,3 +145,18 @@ def _stop_ray_cluster(temp_dir: str, port: int) -> None:
     _, alive = psutil.wait_procs(list(processes), timeout=3)
     for process in alive:  # raylet and GCS may ignore SIGTERM for a while
         process.kill()
+
+
+def method_labels(name: str, count: int, num_classes: int = 10):
+    """Labels for a method that trains on them (the supervised reference), else None: what the loop passes."""
+    import torch
+
+    from selfsup.methods import METHODS
+
+    return torch.arange(count) % num_classes if getattr(METHODS[name], "uses_labels", False) else None
+
+
+def label_args(name: str, count: int) -> tuple:
+    """`method(views, *label_args(name, n))`: the labels as a second argument only for a method that takes them."""
+    labels = method_labels(name, count)
+    return () if labels is None else (labels,)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.config import DataConfig, ModelConfig, Params, SemisupConfig, load_params
+from selfsup.config import DataConfig, LinearConfig, ModelConfig, Params, SemisupConfig, load_params
 from selfsup.data.arrays import load_split
 from selfsup.data.sources import prepare_dataset
 from selfsup.errors import ConfigError
@@ -88,11 +88,14 @@ def test_the_monitor_watches_without_changing_training(digits):
     )
     spec = PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 16)
     images = train.images[:512]
-    monitor = KnnMonitor(train.labels[:512], val.images, val.labels, k=20)
+    # With a linear probe too (a sweep's monitor_linear_top1): its weights' random init must not shift training.
+    linear = LinearConfig(epochs=5)
+    monitor = KnnMonitor(train.labels[:512], val.images, val.labels, k=20, linear=linear)
     watched = train_loop(images, spec, LocalSession(), monitor)
     unwatched = train_loop(images, spec, LocalSession())
     assert [("monitor_knn_top1" in row) for row in watched["history"]] == [False, True, True]  # epoch 2, and the last
     assert all(0.1 < row["monitor_knn_top1"] <= 1 for row in watched["history"][1:])
+    assert all(0.1 < row["monitor_linear_top1"] <= 1 for row in watched["history"][1:])
     assert not any("monitor_knn_top1" in row for row in unwatched["history"])
     for key, value in unwatched["method"].items():  # the monitor's eval-mode passes leave no trace
         assert torch.equal(watched["method"][key], value), key

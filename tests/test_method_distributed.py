@@ -22,6 +22,7 @@ from selfsup.models.batchnorm import convert_to_global_batchnorm
 from selfsup.train.loop import PretrainSpec, build_model
 from selfsup.train.optim import build_optimizer
 from selfsup.train.step import TrainStep
+from tests.conftest import method_labels
 from tests.test_method_losses import SMALL_KNOBS, TinyEncoder
 
 WORLD = 2
@@ -60,7 +61,7 @@ def spawn(worker, tmp_path, *args) -> dict:
 def build(name: str, **knobs):
     torch.manual_seed(0)  # identical initial weights (and MoCo queue) on every rank, as DDP's broadcast makes them
     params = load_params({"method": {"name": name, name: {**SMALL_KNOBS[name], **knobs}}})
-    return build_method(TinyEncoder(), params.method)
+    return build_method(TinyEncoder(), params.method, num_classes=10)
 
 
 # ------------------------------------------------------------------------------------------- Barlow Twins
@@ -195,7 +196,7 @@ def _whole_spec(name: str) -> PretrainSpec:
             "train": {"batch_size": WHOLE_BATCH, "epochs": 2, "warmup_epochs": 0},
         }
     )
-    return PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 16)
+    return PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 16, 10)
 
 
 def _fixed_views(name: str) -> list[list[torch.Tensor]]:
@@ -211,13 +212,15 @@ def _train_steps(name: str, views: list[list[torch.Tensor]], rank: int | None) -
     spec = _whole_spec(name)
     method = build_model(spec)
     model = method
+    labels = method_labels(name, WHOLE_BATCH)  # the supervised reference's; None for the others
     if rank is not None:  # as train_loop does with several CPU workers
         convert_to_global_batchnorm(method)
         model = DistributedDataParallel(method)
         views = [[view.chunk(WORLD)[rank] for view in batch] for batch in views]
+        labels = None if labels is None else labels.chunk(WORLD)[rank]
     optimizer = build_optimizer(method, spec.train, learning_rate(spec.train, spec.method))
     step = TrainStep(model, optimizer, [], spec.train, torch.device("cpu"), method=method)
-    losses = [step.update(batch, TrainingProgress(i, STEPS, 1))[0].item() for i, batch in enumerate(views)]
+    losses = [step.update(batch, TrainingProgress(i, STEPS, 1), labels)[0].item() for i, batch in enumerate(views)]
     return losses, {key: value.clone() for key, value in method.state_dict().items()}
 
 

@@ -25,6 +25,7 @@ from selfsup.methods.dino import dino_loss
 from selfsup.methods.moco import info_nce_loss
 from selfsup.methods.swav import sinkhorn, swapped_prediction_loss
 from selfsup.models.ema import EMATeacher, cosine_momentum
+from tests.conftest import label_args
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +46,14 @@ SMALL_KNOBS = {
     "swav": {"projection_hidden_dim": 16, "projection_dim": 8, "prototypes": 6, "local_crops": 2},
     "barlow_twins": {"projection_hidden_dim": 16, "projection_dim": 8},
     "dino": {"projection_hidden_dim": 16, "bottleneck_dim": 8, "output_dim": 12, "local_crops": 2},
+    "rotation": {"head_hidden_dim": 16},
+    "inpainting": {"decoder_hidden_dim": 16},
+    "supervised": {},
 }
 EMBEDDING_DIM = {name: knobs.get("projection_dim", knobs.get("bottleneck_dim")) for name, knobs in SMALL_KNOBS.items()}
+EMBEDDING_DIM.update(
+    rotation=8, inpainting=8, supervised=8
+)  # the encoder's features (TinyEncoder.feature_dim) for pretext tasks
 IMAGE_SIZE = 16
 
 
@@ -54,9 +61,11 @@ class TinyEncoder(nn.Module):
     """Conv + BatchNorm + ReLU + global average pool: any image side in, feature_dim out."""
 
     feature_dim = 8
+    image_size = 16  # the side pretext heads size their outputs by (the Encoder's attribute)
 
     def __init__(self) -> None:
         super().__init__()
+        self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))  # the fill of masked pixels (Encoder's too)
         self.net = nn.Sequential(
             nn.Conv2d(3, self.feature_dim, 3, padding=1, bias=False),
             nn.BatchNorm2d(self.feature_dim),
@@ -72,7 +81,7 @@ class TinyEncoder(nn.Module):
 def build(name: str, seed: int = 0, **knobs) -> nn.Module:
     torch.manual_seed(seed)  # the heads' and the encoder's initial weights
     params = load_params({"method": {"name": name, name: {**SMALL_KNOBS[name], **knobs}}})
-    return build_method(TinyEncoder(), params.method)
+    return build_method(TinyEncoder(), params.method, num_classes=10)
 
 
 def random_views(count: int, n: int = 4, side: int = 8, seed: int = 0) -> list[torch.Tensor]:
@@ -609,8 +618,10 @@ def test_small_knobs_cover_every_method() -> None:
 def test_each_method_runs_forward_and_backward_on_its_declared_views(name: str) -> None:
     method = build(name)
     views = declared_views(name, n=4)
-    assert len(views) == (4 if SMALL_KNOBS[name].get("local_crops") else 2)
-    loss, embeddings = method(views)
+    assert len(views) == {"rotation": 1, "inpainting": 1, "supervised": 1}.get(
+        name, 4 if SMALL_KNOBS[name].get("local_crops") else 2
+    )
+    loss, embeddings = method(views, *label_args(name, 4))
     assert loss.shape == () and torch.isfinite(loss)
     assert embeddings.shape == (4, EMBEDDING_DIM[name]) and torch.isfinite(embeddings).all()
     loss.backward()

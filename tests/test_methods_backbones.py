@@ -13,6 +13,7 @@ from selfsup.methods import METHODS
 from selfsup.methods.common import TrainingProgress
 from selfsup.models import Encoder
 from selfsup.train.loop import PretrainSpec, single_process_step
+from tests.conftest import label_args, method_labels
 from tests.test_methods_training import SMALL_KNOBS
 
 CPU = torch.device("cpu")
@@ -29,7 +30,9 @@ def make_spec(method: str, backbone: str = "small_cnn", knobs: dict | None = Non
             "train": {"batch_size": 4, "epochs": 2, "warmup_epochs": 0, **train},
         }
     )
-    return PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, IMAGE_SIZE)
+    return PretrainSpec(
+        params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, IMAGE_SIZE, num_classes=10
+    )
 
 
 def images(count: int = 4, seed: int = 0) -> torch.Tensor:
@@ -46,7 +49,9 @@ def encoder_of(step) -> Encoder:
 def test_every_method_trains_a_step_with_every_backbone(method: str, backbone: str) -> None:
     step = single_process_step(make_spec(method, backbone), CPU)
     before = [p.detach().clone() for p in encoder_of(step).parameters()]
-    loss, embeddings = step(images(), torch.Generator().manual_seed(1), TrainingProgress(0, 2, 1))
+    loss, embeddings = step(
+        images(), torch.Generator().manual_seed(1), TrainingProgress(0, 2, 1), method_labels(method, 4)
+    )
     assert torch.isfinite(loss)
     assert embeddings.shape[0] == 4 and torch.isfinite(embeddings).all()
     moved = [not torch.equal(b, p) for b, p in zip(before, encoder_of(step).parameters())]
@@ -86,8 +91,9 @@ def test_compiled_step_equals_the_eager_one_for_every_method(method: str, monkey
     assert len(compiled_calls) == (2 if has_teacher else 1)  # the student's encoder, and the teacher's
     for i in range(2):  # the second step runs the hooks' updates (EMA, queue, centre) through compiled code
         progress = TrainingProgress(i, 2, 1)
-        eager_loss, _ = eager(images(seed=i), torch.Generator().manual_seed(i), progress)
-        compiled_loss, _ = compiled(images(seed=i), torch.Generator().manual_seed(i), progress)
+        labels = method_labels(method, 4)
+        eager_loss, _ = eager(images(seed=i), torch.Generator().manual_seed(i), progress, labels)
+        compiled_loss, _ = compiled(images(seed=i), torch.Generator().manual_seed(i), progress, labels)
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
     for a, b in zip(eager.model.state_dict().values(), compiled.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -100,8 +106,9 @@ def test_inductor_compiles_the_encoder_and_trains_as_eager() -> None:
     assert encoder_of(compiled)._compiled_call_impl is not None
     for i in range(2):
         progress = TrainingProgress(i, 2, 1)
-        eager_loss, _ = eager(images(seed=i), torch.Generator().manual_seed(i), progress)
-        compiled_loss, _ = compiled(images(seed=i), torch.Generator().manual_seed(i), progress)
+        labels = None  # SimCLR
+        eager_loss, _ = eager(images(seed=i), torch.Generator().manual_seed(i), progress, labels)
+        compiled_loss, _ = compiled(images(seed=i), torch.Generator().manual_seed(i), progress, labels)
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
 
 
@@ -128,10 +135,10 @@ def test_under_bf16_autocast_losses_softmaxes_and_sinkhorn_run_in_float32(method
     bfloat16, every exponential and softmax of the loss (temperature-scaled logits, Sinkhorn) in float32."""
     step = single_process_step(make_spec(method), CPU)
     views = [torch.rand(4, 3, spec.size or IMAGE_SIZE, spec.size or IMAGE_SIZE) for spec in step.views]
-    fp32_loss, _ = step.model(views)
+    fp32_loss, _ = step.model(views, *label_args(method, 4))
     recorder = _LowPrecisionOps()
     with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
-        bf16_loss, embeddings = step.model(views)
+        bf16_loss, embeddings = step.model(views, *label_args(method, 4))
     assert recorder.seen == [], f"{method} ran {sorted(set(recorder.seen))} on bfloat16"
     assert bf16_loss.dtype == torch.float32 and torch.isfinite(bf16_loss)
     assert bf16_loss.item() == pytest.approx(fp32_loss.item(), rel=0.05, abs=0.02)

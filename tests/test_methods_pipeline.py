@@ -41,13 +41,15 @@ def every_method(config):
     torch.set_num_threads(2)
     losses = {}
     for name, spec in config["specs"].items():
-        state = train_loop(config["images"], spec, FreshSession(use_gpu=False))
+        labels = config["labels"] if spec.uses_labels else None  # the supervised reference alone
+        state = train_loop(config["images"], spec, FreshSession(use_gpu=False), labels=labels)
         losses[name] = {"epochs": len(state["history"]), "loss": state["history"][-1]["loss"],
                         "encoder_keys": sum(k.startswith("encoder.") for k in state["method"])}
     return losses
 
 raw = yaml.safe_load(open("params.yaml"))
-gray = np.round(load_digits().images[:512] * (255 / 16)).astype(np.uint8)
+digits = load_digits()
+gray = np.round(digits.images[:512] * (255 / 16)).astype(np.uint8)
 images = resize_square(np.repeat(gray[..., None], 3, axis=-1), 16)
 specs = {}
 for name, knobs in json.loads(sys.argv[1]).items():
@@ -55,11 +57,11 @@ for name, knobs in json.loads(sys.argv[1]).items():
     raw["method"][name] = {**raw["method"][name], **knobs}
     raw["train"] = {**raw["train"], "epochs": 1, "batch_size": 128, "warmup_epochs": 0}
     params = load_params(raw)
-    specs[name] = PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 16)
+    specs[name] = PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 16, 10)
 connect_ray()
 trainer = TorchTrainer(
     every_method,
-    train_loop_config={"specs": specs, "images": images},
+    train_loop_config={"specs": specs, "images": images, "labels": digits.target[:512]},
     scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
     run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp()),
 )

@@ -26,6 +26,9 @@ SMALL_KNOBS = {
     "swav": {"projection_hidden_dim": 64, "projection_dim": 32, "prototypes": 30, "local_crops": 2},
     "barlow_twins": {"projection_hidden_dim": 64, "projection_dim": 64},
     "dino": {"projection_hidden_dim": 64, "bottleneck_dim": 32, "output_dim": 256, "local_crops": 2},
+    "rotation": {"head_hidden_dim": 64},
+    "inpainting": {"decoder_hidden_dim": 64},
+    "supervised": {},
 }
 
 
@@ -34,6 +37,14 @@ def digits(tmp_path_factory):
     folder = tmp_path_factory.mktemp("digits")
     manifest = prepare_dataset(DataConfig(source="digits", image_size=16), folder)
     return load_split(folder, "train", with_labels=False)[:512], manifest
+
+
+@pytest.fixture(scope="module")
+def digit_labels(digits, tmp_path_factory):
+    """The labels of those images, for the supervised reference alone."""
+    folder = tmp_path_factory.mktemp("digits-labelled")
+    prepare_dataset(DataConfig(source="digits", image_size=16), folder)
+    return load_split(folder, "train").labels[:512]
 
 
 def make_spec(manifest, method: str, knobs: dict | None = None, **train) -> PretrainSpec:
@@ -50,7 +61,16 @@ def make_spec(manifest, method: str, knobs: dict | None = None, **train) -> Pret
             },
         }
     )
-    return PretrainSpec(params.model, params.method, params.views, params.train, manifest.mean, manifest.std, 16)
+    return PretrainSpec(
+        params.model,
+        params.method,
+        params.views,
+        params.train,
+        manifest.mean,
+        manifest.std,
+        16,
+        len(manifest.class_names),
+    )
 
 
 def test_small_knobs_cover_every_method() -> None:
@@ -58,9 +78,10 @@ def test_small_knobs_cover_every_method() -> None:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_trains_without_collapsing(digits, method: str, capsys) -> None:
+def test_each_method_trains_without_collapsing(digits, digit_labels, method: str, capsys) -> None:
     images, manifest = digits
-    state = train_loop(images, make_spec(manifest, method), LocalSession())
+    spec = make_spec(manifest, method)
+    state = train_loop(images, spec, LocalSession(), labels=digit_labels if spec.uses_labels else None)
     history = state["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     for h in history:

@@ -138,3 +138,11 @@ def test_the_stage_stops_on_a_bad_space_in_one_line_before_ray_starts(tmp_path):
         "value there"
     ]
     assert not (repo / "sweeps" / "ray").exists() and "Ray" not in result.stdout
+
+
+def test_the_linear_probe_knobs_are_searchable_when_the_probe_judges_the_trials():
+    space = {"eval.linear.lr": {"loguniform": [0.001, 0.1]}, "train.lr": {"loguniform": [0.05, 1.0]}}
+    params = load_params(with_space(space, metric="monitor_linear_top1"))
+    check_search_space(params)
+    assert params.tune.resolved_mode == "max"
+    assert trial_params(params, {"eval.linear.lr": 0.02}).eval.linear.lr == 0.02

@@ -182,3 +182,24 @@ def test_an_unreachable_cluster_fails_fast_with_the_fix(sweep_repo):
     result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": "127.0.0.1:1"}, timeout=60)
     assert result.returncode == 2 and "RAY_ADDRESS=127.0.0.1:1 is unreachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate(sweep_repo):
+    repo, env = sweep_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tune"].update(
+        name="probed",
+        metric="monitor_linear_top1",
+        num_samples=2,
+        epochs=2,
+        asha=None,
+        storage_path=None,
+        space={"eval.linear.lr": {"loguniform": [0.001, 0.1]}, "train.lr": {"loguniform": [0.05, 0.5]}},
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["python", "-m", "pipelines.tune"], repo, env)
+    assert result.returncode == 0, result.output
+    rows = trials(repo)
+    assert len(rows) == 2 and all(0.1 < float(row["monitor_linear_top1"]) <= 1 for row in rows)
+    assert len({row["eval.linear.lr"] for row in rows}) == 2
+    assert "eval" in yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())

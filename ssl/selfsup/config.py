@@ -172,6 +172,9 @@ class TrainConfig(_Section):
     # serve this monitor only: no method sees them.
     monitor_every: int = Field(default=5, ge=0)
     monitor_k: int = Field(default=20, ge=1)
+    # Self-supervision as an auxiliary loss: this weight x a labelled cross-entropy (a linear head on the encoder's
+    # features of the first view) added to the method's loss. 0: labels never reach pretraining.
+    label_loss_weight: float = Field(default=0.0, ge=0)
 
 
 class ScalingConfig(_Section):
@@ -264,7 +267,8 @@ class MlflowConfig(_Section):
 
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice")
-TUNE_METRICS = {"monitor_knn_top1": "max", "loss": "min"}  # what a trial reports each monitored epoch
+# What a trial reports each monitored epoch: the monitor's kNN, its linear probe (eval.linear.*, searchable), the loss.
+TUNE_METRICS = {"monitor_knn_top1": "max", "monitor_linear_top1": "max", "loss": "min"}
 
 
 def _one_distribution(value: Any) -> Any:
@@ -308,7 +312,7 @@ class TuneConfig(_Section):
     }
     num_samples: int = Field(default=8, ge=1)
     epochs: int = Field(default=20, ge=1)  # train.epochs of each trial
-    metric: str = "monitor_knn_top1"  # the monitor's validation kNN top-1, or the loss
+    metric: str = "monitor_knn_top1"  # the monitor's validation kNN top-1, its linear probe's, or the loss
     mode: Literal["max", "min"] | None = None  # null: the metric's own (max for accuracy, min for the loss)
     search: Literal["random", "optuna"] = "random"  # optuna: pip install -e ".[optuna]"
     seed: int = 0  # of the search's draws: the same params give the same trials
@@ -352,6 +356,15 @@ class Params(_Section):
             raise ValueError(
                 f"train.warmup_epochs={self.train.warmup_epochs} must be below train.epochs={self.train.epochs}: "
                 "the learning rate would never reach train.lr nor decay"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _label_loss_beside_a_self_supervised_method(self) -> Params:
+        if self.train.label_loss_weight > 0 and self.method.name == "supervised":
+            raise ValueError(
+                f"train.label_loss_weight={self.train.label_loss_weight} adds a labelled loss to a self-supervised "
+                "method; method.name=supervised already trains on the labels: set it to 0"
             )
         return self
 

@@ -19,6 +19,11 @@ from selfsup.errors import ConfigError
 
 # A trial pretrains and is judged on what pretraining reports: keys elsewhere would change nothing it measures.
 TUNABLE_SECTIONS = ("model", "method", "views", "train")
+PROBED = "monitor_linear_top1"  # with this metric, the monitor's linear probe (eval.linear.*) shapes a trial too
+
+
+def tunable(key: str, metric: str) -> bool:
+    return key.split(".")[0] in TUNABLE_SECTIONS or (metric == PROBED and key.startswith("eval.linear."))
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -46,10 +51,10 @@ def trial_params(params: Params, sampled: dict[str, Any]) -> Params:
     """
     raw = params.model_dump(mode="json")
     set_dotted(raw, "train.epochs", params.tune.epochs)
-    if params.tune.metric == "monitor_knn_top1":
+    if params.tune.metric.startswith("monitor_"):
         if not params.train.monitor_every:
             raise ConfigError(
-                "params.yaml: tune.metric=monitor_knn_top1 needs the monitor: set train.monitor_every to 1 or more"
+                f"params.yaml: tune.metric={params.tune.metric} needs the monitor: set train.monitor_every to 1 or more"
             )
         set_dotted(raw, "train.checkpoint_every", params.train.monitor_every)
     for key, value in sampled.items():
@@ -76,10 +81,10 @@ def check_search_space(params: Params) -> None:
         if isinstance(node, dict):
             problems.append(f"{where}: {key!r} is a section, not a value; name one of its keys")
             continue
-        if key.split(".")[0] not in TUNABLE_SECTIONS:
+        if not tunable(key, params.tune.metric):
             problems.append(
-                f"{where}: a trial pretrains and is judged by tune.metric, which {key!r} does not change; "
-                f"search keys under {', '.join(TUNABLE_SECTIONS)}"
+                f"{where}: a trial pretrains and is judged by tune.metric={params.tune.metric}, which {key!r} does "
+                f"not change; search keys under {', '.join(TUNABLE_SECTIONS)} (and eval.linear with {PROBED})"
             )
             continue
         ((kind, values),) = distribution.items()

@@ -11,6 +11,7 @@ A method is an `nn.Module` class that declares itself once, in its own file, as 
 and implements `forward(views) -> (loss, embeddings)`, the embeddings being what the loss compares
 (watched for collapse). The one training loop also calls these hooks where a method has them:
 
+    uses_labels                the supervised reference alone: forward(views, labels) gets the labels too
     after_backward(progress)   between backward and the optimiser step (freezing: drop gradients)
     after_step(progress)       after the optimiser step (EMA teacher, queue, centre)
     fixed_lr_parameters()      parameters the learning-rate schedule leaves at the peak learning rate
@@ -20,28 +21,47 @@ from __future__ import annotations
 
 from torch import nn
 
-from selfsup.config import MethodConfig, ViewConfig
+from selfsup.config import MethodConfig, TrainConfig, ViewConfig
 from selfsup.data.views import ViewSpec
 from selfsup.methods.barlow_twins import BarlowTwins
 from selfsup.methods.byol import BYOL
 from selfsup.methods.common import TrainingProgress
 from selfsup.methods.dino import DINO
+from selfsup.methods.inpainting import Inpainting
 from selfsup.methods.moco import MoCo
+from selfsup.methods.rotation import Rotation
 from selfsup.methods.simclr import SimCLR, nt_xent_loss
 from selfsup.methods.simsiam import SimSiam
+from selfsup.methods.supervised import LabelledLoss, Supervised
 from selfsup.methods.swav import SwAV
 
 METHODS: dict[str, type[nn.Module]] = {
-    method.name: method for method in (SimCLR, MoCo, BYOL, SimSiam, SwAV, BarlowTwins, DINO)
+    method.name: method
+    for method in (SimCLR, MoCo, BYOL, SimSiam, SwAV, BarlowTwins, DINO, Rotation, Inpainting, Supervised)
 }
 
 
-def build_method(encoder: nn.Module, config: MethodConfig) -> nn.Module:
-    return METHODS[config.name](encoder, config.knobs)
+def uses_labels(config: MethodConfig, train: TrainConfig | None = None) -> bool:
+    """Whether training reads the labels: the supervised reference, or any method with a labelled term."""
+    return getattr(METHODS[config.name], "uses_labels", False) or bool(train and train.label_loss_weight > 0)
+
+
+def build_method(
+    encoder: nn.Module, config: MethodConfig, num_classes: int = 0, label_loss_weight: float = 0.0
+) -> nn.Module:
+    """The method `config` names, on `encoder`; with `label_loss_weight` > 0, plus that labelled term."""
+    cls = METHODS[config.name]
+    labelled = getattr(cls, "uses_labels", False) or label_loss_weight > 0
+    if labelled and num_classes < 2:
+        raise ValueError(f"{config.name}: training on labels needs num_classes >= 2, got {num_classes}")
+    method = (
+        cls(encoder, config.knobs, num_classes) if getattr(cls, "uses_labels", False) else cls(encoder, config.knobs)
+    )
+    return LabelledLoss(method, num_classes, label_loss_weight) if label_loss_weight > 0 else method
 
 
 def method_views(config: MethodConfig, views: ViewConfig, image_size: int) -> list[ViewSpec]:
     return METHODS[config.name].views(config.knobs, views, image_size)
 
 
-__all__ = ["METHODS", "TrainingProgress", "build_method", "method_views", "nt_xent_loss"]
+__all__ = ["METHODS", "TrainingProgress", "build_method", "method_views", "nt_xent_loss", "uses_labels"]

@@ -24,7 +24,7 @@ from selfsup.config import MethodConfig, ModelConfig, Params, TrainConfig, ViewC
 from selfsup.data.arrays import Manifest
 from selfsup.data.views import view_generator
 from selfsup.errors import CheckpointError, CollapseError, ConfigError, NonFiniteLossError
-from selfsup.methods import TrainingProgress, build_method, method_views
+from selfsup.methods import TrainingProgress, build_method, method_views, uses_labels
 from selfsup.models import Encoder
 from selfsup.models.batchnorm import convert_to_global_batchnorm
 from selfsup.train.collapse import effective_rank, embedding_std
@@ -46,6 +46,11 @@ class PretrainSpec:
     mean: list[float]
     std: list[float]
     image_size: int = 32  # the images' side: ViTs size their positional embedding by it, local crops scale to it
+    num_classes: int = 0  # of the labels, for the supervised reference and train.label_loss_weight
+
+    @property
+    def uses_labels(self) -> bool:
+        return uses_labels(self.method, self.train)
 
     def __post_init__(self) -> None:
         _check_patches_tile_every_view(self)
@@ -54,7 +59,14 @@ class PretrainSpec:
     def from_params(cls, params: Params, manifest: Manifest) -> PretrainSpec:
         """What params.yaml says of pretraining, on the prepared dataset the manifest describes."""
         return cls(
-            params.model, params.method, params.views, params.train, manifest.mean, manifest.std, manifest.image_size[0]
+            params.model,
+            params.method,
+            params.views,
+            params.train,
+            manifest.mean,
+            manifest.std,
+            manifest.image_size[0],
+            len(manifest.class_names),
         )
 
 
@@ -126,7 +138,8 @@ def load_checkpoint(path: str | Path) -> dict:
 def build_model(spec: PretrainSpec) -> nn.Module:
     """The method module (encoder + heads), initialised from train.seed: identical on every worker."""
     torch.manual_seed(spec.train.seed)
-    return build_method(Encoder(spec.model, spec.mean, spec.std, image_size=spec.image_size), spec.method)
+    encoder = Encoder(spec.model, spec.mean, spec.std, image_size=spec.image_size)
+    return build_method(encoder, spec.method, spec.num_classes, spec.train.label_loss_weight)
 
 
 def single_process_step(spec: PretrainSpec, device: torch.device) -> TrainStep:
@@ -142,12 +155,24 @@ def _advice(method: nn.Module) -> str:
     return getattr(method, "advice", "see the method's knobs under method." + method.name)
 
 
-def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session, monitor: KnnMonitor | None = None) -> dict:
+def train_loop(
+    images: np.ndarray,
+    spec: PretrainSpec,
+    session: Session,
+    monitor: KnnMonitor | None = None,
+    labels: np.ndarray | None = None,
+) -> dict:
     """Pretrain on uint8 N x H x W x 3 images; returns the final checkpoint (the last one reported).
 
     With a `monitor`, rank 0 measures its kNN accuracy every `train.monitor_every` epochs and at the last one.
+    `labels` (of the images, in order) reach the step only when the spec trains on them (`spec.uses_labels`).
     """
     train, device = spec.train, session.device
+    if spec.uses_labels and labels is None:
+        raise ConfigError(
+            f"method {spec.method.name} with train.label_loss_weight={train.label_loss_weight} trains on labels, "
+            "but none were given"
+        )
     local_batch = train.batch_size // session.world_size
     steps_per_epoch = len(images) // session.world_size // local_batch
     if steps_per_epoch == 0:
@@ -186,6 +211,7 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session, monitor
     views = method_views(spec.method, spec.views, spec.image_size)
     step = TrainStep(model, optimizer, views, train, device, method=method)
     data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
+    targets = torch.tensor(labels, dtype=torch.long, device=device) if spec.uses_labels else None
     low_std_epochs = 0  # consecutive epochs whose embeddings looked collapsed
 
     total_steps, warmup_steps = train.epochs * steps_per_epoch, train.warmup_epochs * steps_per_epoch
@@ -199,7 +225,8 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session, monitor
             progress = TrainingProgress(epoch * steps_per_epoch + i, total_steps, steps_per_epoch)
             lr = warmup_cosine(progress.step, total_steps, warmup_steps, peak_lr)
             set_lr(optimizer, lr)
-            loss, embeddings = step(data[shard[i * local_batch : (i + 1) * local_batch]], generator, progress)
+            batch = shard[i * local_batch : (i + 1) * local_batch]
+            loss, embeddings = step(data[batch], generator, progress, None if targets is None else targets[batch])
             sums[0] += loss
             sums[1] += embedding_std(embeddings)
         if session.world_size > 1:  # every rank sees the global means, so all stop together
@@ -233,8 +260,10 @@ def train_loop(images: np.ndarray, spec: PretrainSpec, session: Session, monitor
         watched = ""
         if monitor is not None and session.rank == 0 and train.monitor_every:
             if (epoch + 1) % train.monitor_every == 0 or last:
-                metrics["monitor_knn_top1"] = round(monitor.accuracy(method.encoder, data), 4)
+                metrics.update({k: round(v, 4) for k, v in monitor.measure(method.encoder, data).items()})
                 watched = f"  val kNN {metrics['monitor_knn_top1']:.1%}"
+                if "monitor_linear_top1" in metrics:
+                    watched += f"  val linear {metrics['monitor_linear_top1']:.1%}"
         history.append(metrics)
         if session.rank == 0:
             print(

@@ -149,7 +149,8 @@ def _ray_worker(config: dict) -> SelfsupError | None:
     quiet_ray_train_worker()
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     try:
-        train_loop(ray.get(config["images"]), config["spec"], RaySession(config["use_gpu"]), config["monitor"])
+        labels = None if config["labels"] is None else ray.get(config["labels"])
+        train_loop(ray.get(config["images"]), config["spec"], RaySession(config["use_gpu"]), config["monitor"], labels)
     except SelfsupError as error:
         # Returned, not raised: a raise counts as a lost worker and is retried (scaling.max_failures), but a NaN
         # loss or a collapse would only recur. Every rank meets it at the same epoch (the loss is all-reduced).
@@ -163,8 +164,10 @@ def pretrain_with_ray(
     storage_path: str | Path,
     run_name: str,
     monitor: KnnMonitor | None = None,
+    labels: np.ndarray | None = None,
 ) -> dict:
-    """Train on a Ray cluster and return the final checkpoint (method and optimiser state, history)."""
+    """Train on a Ray cluster and return the final checkpoint (method and optimiser state, history). `labels`
+    travel to the workers only for a spec that trains on them."""
     connect_ray()
     check_resources(scaling)
     resources = {"CPU": scaling.cpus_per_worker}
@@ -174,6 +177,7 @@ def pretrain_with_ray(
         _ray_worker,
         train_loop_config={
             "images": ray.put(images),  # through the object store: works on a multi-node cluster too
+            "labels": ray.put(labels) if spec.uses_labels else None,
             "spec": spec,
             "monitor": monitor,
             "use_gpu": scaling.use_gpu,

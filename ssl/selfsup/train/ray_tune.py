@@ -8,6 +8,7 @@ holds Tune's state: a driver killed midway continues with `resume=True`, without
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,13 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from selfsup.config import Params, TuneConfig  # noqa: E402
 from selfsup.data.arrays import Manifest  # noqa: E402
 from selfsup.errors import ConfigError  # noqa: E402
-from selfsup.sweep import TrialResult, trial_params  # noqa: E402
+from selfsup.sweep import PROBED, TrialResult, trial_params  # noqa: E402
 from selfsup.train.loop import PretrainSpec, train_loop  # noqa: E402
 from selfsup.train.monitor import KnnMonitor  # noqa: E402
 from selfsup.train.ray_trainer import CheckpointsThroughRay, connect_ray, quiet_ray_train_worker  # noqa: E402
 
-CURVES = ("loss", "lr", "images_per_s", "embedding_std", "effective_rank", "monitor_knn_top1")  # per epoch, to MLflow
+# Per epoch, to each trial's MLflow run.
+CURVES = ("loss", "lr", "images_per_s", "embedding_std", "effective_rank", "monitor_knn_top1", "monitor_linear_top1")
 
 
 class TuneSession(CheckpointsThroughRay):
@@ -66,7 +68,11 @@ def _trial(sampled: dict[str, Any], *, base: dict, manifest: Manifest, images: n
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
     device = torch.device("cuda" if params.tune.gpus_per_trial and torch.cuda.is_available() else "cpu")
-    train_loop(images, PretrainSpec.from_params(params, manifest), TuneSession(device), monitor)
+    if params.tune.metric == PROBED:  # the trial's own eval.linear, which the sweep may have sampled
+        monitor = dataclasses.replace(monitor, linear=params.eval.linear)
+    spec = PretrainSpec.from_params(params, manifest)
+    labels = monitor.train_labels if spec.uses_labels else None  # a sweep may sample method.name: supervised
+    train_loop(images, spec, TuneSession(device), monitor, labels)
 
 
 def search_space(config: TuneConfig) -> dict[str, Any]:

@@ -56,16 +56,23 @@ class TrainStep:
                     module.compile()
 
     def __call__(
-        self, images: torch.Tensor, generator: torch.Generator, progress: TrainingProgress
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        progress: TrainingProgress,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.update(make_views(images, self.views, generator), progress)
+        return self.update(make_views(images, self.views, generator), progress, labels)
 
-    def update(self, views: list[torch.Tensor], progress: TrainingProgress) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward and optimiser step on views made elsewhere (benchmarks feed it directly)."""
+    def update(
+        self, views: list[torch.Tensor], progress: TrainingProgress, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward and optimiser step on views made elsewhere (benchmarks feed it directly). `labels`
+        go to the methods that train on them (the supervised reference, a labelled auxiliary term) only."""
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with self.autocast:
-            loss, embeddings = self.model(views)
+            loss, embeddings = self.model(views) if labels is None else self.model(views, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.after_backward:

@@ -1,0 +1,78 @@
+"""The supervised reference: the same backbone, the same loop and views, trained with the labels (cross-entropy).
+
+The only method that reads labels while pretraining (`uses_labels`), so every table can put the supervised
+number beside random init and the self-supervised ones. `LabelledLoss` adds the same cross-entropy, weighted
+(`train.label_loss_weight`), to any other method's loss: self-supervision as an auxiliary loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from selfsup.config import MethodKnobs, ViewConfig
+from selfsup.data.views import ViewSpec
+
+
+def labelled_cross_entropy(
+    head: nn.Module, features: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy of the head's scores, in float32 even under bf16 autocast."""
+    logits = head(features).float()
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+class Supervised(nn.Module):
+    name = "supervised"
+    min_batch = 1
+    lr = 0.1  # per 256 images (SGD): the usual CIFAR ResNet rate is 0.1 at batch 128
+    uses_labels = True
+
+    advice = "lower train.lr"
+
+    class Knobs(MethodKnobs):
+        label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+
+    @staticmethod
+    def views(knobs: Knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
+        return [ViewSpec(views)]  # one augmented view, as standard supervised training
+
+    def __init__(self, encoder: nn.Module, knobs: Knobs, num_classes: int):
+        super().__init__()
+        self.encoder, self.knobs = encoder, knobs
+        self.head = nn.Linear(encoder.feature_dim, num_classes)
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(views[0])
+        loss = labelled_cross_entropy(self.head, features, labels, self.knobs.label_smoothing)
+        return loss, features.detach().float()
+
+
+class LabelledLoss(nn.Module):
+    """Any method plus `weight` x the cross-entropy of a linear head on the encoder's features of its first view.
+
+    With weight 0 it is never built (the loop trains the plain method); the method's hooks pass through.
+    """
+
+    uses_labels = True
+
+    def __init__(self, method: nn.Module, num_classes: int, weight: float):
+        super().__init__()
+        self.method, self.weight = method, weight
+        self.head = nn.Linear(method.encoder.feature_dim, num_classes)
+        self.name, self.advice = method.name, getattr(method, "advice", "")
+        for hook in ("after_backward", "after_step", "fixed_lr_parameters"):
+            if hasattr(method, hook):
+                setattr(self, hook, getattr(method, hook))
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.method.encoder
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, embeddings = self.method(views)
+        labelled = labelled_cross_entropy(self.head, self.method.encoder(views[0]), labels)
+        return loss + self.weight * labelled, embeddings

@@ -1,0 +1,98 @@
+"""The pretext tasks' labels are right: they come from the transform, so a wrong one teaches nothing."""
+
+from __future__ import annotations
+
+import torch
+
+from selfsup.config import load_params
+from selfsup.methods import build_method
+from selfsup.methods.rotation import rotated
+from tests.test_method_losses import TinyEncoder
+
+
+def corner_image(n: int = 1, side: int = 5) -> torch.Tensor:
+    """N x 3 x side x side, black but for the top-right pixel."""
+    images = torch.zeros(n, 3, side, side)
+    images[:, :, 0, side - 1] = 1.0
+    return images
+
+
+def bright_corner(image: torch.Tensor) -> tuple[int, int]:
+    row, col = divmod(int(image[0].argmax()), image.shape[-1])
+    return row, col
+
+
+def test_all_four_rotations_are_exact_and_labelled_by_quarter_turns():
+    images = corner_image(n=2)
+    out, turns = rotated(images, all_rotations=True)
+    assert out.shape == (8, 3, 5, 5) and turns.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # The top-right pixel, turned counter-clockwise: to the top-left, bottom-left, bottom-right.
+    expected = {0: (0, 4), 1: (0, 0), 2: (4, 0), 3: (4, 4)}
+    for image, k in zip(out, turns.tolist()):
+        assert bright_corner(image) == expected[k], k
+    for k in range(4):  # each is exactly the original turned k times, and turning back restores it
+        chunk = out[2 * k : 2 * k + 2]
+        assert torch.equal(chunk, torch.rot90(images, k, dims=(2, 3)))
+        assert torch.equal(torch.rot90(chunk, -k, dims=(2, 3)), images)
+
+
+def test_one_rotation_per_image_is_balanced_and_undoes_to_the_original():
+    images = torch.rand(6, 3, 4, 4)
+    out, turns = rotated(images, all_rotations=False)
+    assert out.shape == images.shape and turns.tolist() == [0, 1, 2, 3, 0, 1]
+    for i, k in enumerate(turns.tolist()):
+        assert torch.equal(torch.rot90(out[i], -k, dims=(1, 2)), images[i])
+
+
+def test_rotation_learns_its_task_on_a_batch():
+    """A few steps on one batch drive the loss well below log(4): the labels are learnable, so they are consistent."""
+    torch.manual_seed(0)
+    params = load_params({"method": {"name": "rotation", "rotation": {"head_hidden_dim": 16}}})
+    method = build_method(TinyEncoder(), params.method)
+    images = torch.rand(8, 3, 8, 8)
+    images[:, :, :3] += 1.0  # an "up": the top rows brighter, so rotations differ
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9)
+    first = None
+    for _ in range(30):
+        loss, _ = method([images])
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert abs(first - torch.log(torch.tensor(4.0)).item()) < 0.3 and loss.item() < 0.5 * first
+
+
+def test_inpainting_masks_the_centre_and_its_loss_sees_only_that_region():
+    from selfsup.methods.inpainting import centre_box, inpainting_loss, masked
+
+    assert centre_box(16, 0.5) == (4, 12) and centre_box(32, 0.5) == (8, 24) and centre_box(8, 0.01) == (3, 4)
+    images = torch.rand(2, 3, 16, 16)
+    fill = torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)
+    hidden = masked(images, 0.5, fill)
+    assert torch.equal(hidden[:, :, 4:12, 4:12], fill.expand(2, 3, 8, 8))
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[4:12, 4:12] = False
+    assert torch.equal(hidden[:, :, outside], images[:, :, outside])  # the context is untouched
+
+    prediction = torch.rand(2, 3, 8, 8)
+    loss = inpainting_loss(prediction, images, 0.5)
+    assert torch.allclose(loss, ((prediction - images[:, :, 4:12, 4:12]) ** 2).mean())
+    changed_context = images.clone()
+    changed_context[:, :, outside] = torch.rand_like(changed_context[:, :, outside])
+    assert torch.equal(inpainting_loss(prediction, changed_context, 0.5), loss)  # the context does not count
+    changed_centre = images.clone()
+    changed_centre[:, :, 8, 8] += 0.5
+    assert not torch.equal(inpainting_loss(prediction, changed_centre, 0.5), loss)
+
+
+def test_the_inpainting_encoder_never_sees_the_pixels_it_must_predict():
+    torch.manual_seed(0)
+    params = load_params({"method": {"name": "inpainting", "inpainting": {"decoder_hidden_dim": 16}}})
+    method = build_method(TinyEncoder(), params.method).eval()
+    images = torch.rand(2, 3, 16, 16)
+    other_centre = images.clone()
+    other_centre[:, :, 4:12, 4:12] = torch.rand(2, 3, 8, 8)
+    seen = []
+    method.encoder.register_forward_hook(lambda module, args, output: seen.append(output))
+    method([images]), method([other_centre])
+    assert torch.equal(seen[0], seen[1])  # the same features: the centre was hidden
