@@ -44,7 +44,7 @@ def inpainting_loss(prediction: torch.Tensor, images: torch.Tensor, fraction: fl
 class Inpainting(nn.Module):
     name = "inpainting"
     min_batch = 2  # BatchNorm in the decoder needs two images
-    lr = 0.1  # per 256 images (SGD); the paper used Adam at 2e-4
+    lr = 0.3  # per 256 images (SGD; the paper used Adam at 2e-4): on the digits kNN 96.7%, at 0.1 95.0%
 
     advice = "lower train.lr"
 
