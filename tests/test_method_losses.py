@@ -48,12 +48,12 @@ SMALL_KNOBS = {
     "dino": {"projection_hidden_dim": 16, "bottleneck_dim": 8, "output_dim": 12, "local_crops": 2},
     "rotation": {"head_hidden_dim": 16},
     "inpainting": {"decoder_hidden_dim": 16},
+    "counting": {"count_dim": 8, "head_hidden_dim": 16},
     "supervised": {},
 }
 EMBEDDING_DIM = {name: knobs.get("projection_dim", knobs.get("bottleneck_dim")) for name, knobs in SMALL_KNOBS.items()}
-EMBEDDING_DIM.update(
-    rotation=8, inpainting=8, supervised=8
-)  # the encoder's features (TinyEncoder.feature_dim) for pretext tasks
+# The pretext tasks and the supervised reference watch the encoder's features (TinyEncoder.feature_dim).
+EMBEDDING_DIM.update(rotation=8, inpainting=8, counting=8, supervised=8)
 IMAGE_SIZE = 16
 
 
@@ -618,9 +618,8 @@ def test_small_knobs_cover_every_method() -> None:
 def test_each_method_runs_forward_and_backward_on_its_declared_views(name: str) -> None:
     method = build(name)
     views = declared_views(name, n=4)
-    assert len(views) == {"rotation": 1, "inpainting": 1, "supervised": 1}.get(
-        name, 4 if SMALL_KNOBS[name].get("local_crops") else 2
-    )
+    one_view = ("rotation", "inpainting", "counting", "supervised")  # each transforms a single view itself
+    assert len(views) == (1 if name in one_view else 4 if SMALL_KNOBS[name].get("local_crops") else 2)
     loss, embeddings = method(views, *label_args(name, 4))
     assert loss.shape == () and torch.isfinite(loss)
     assert embeddings.shape == (4, EMBEDDING_DIM[name]) and torch.isfinite(embeddings).all()

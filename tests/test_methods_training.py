@@ -28,6 +28,7 @@ SMALL_KNOBS = {
     "dino": {"projection_hidden_dim": 64, "bottleneck_dim": 32, "output_dim": 256, "local_crops": 2},
     "rotation": {"head_hidden_dim": 64},
     "inpainting": {"decoder_hidden_dim": 64},
+    "counting": {"count_dim": 64, "head_hidden_dim": 64},
     "supervised": {},
 }
 

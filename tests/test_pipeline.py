@@ -226,5 +226,5 @@ def test_bad_params_stop_the_stage_before_any_compute(tiny_repo):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: method.name='simclrr' is invalid: unknown method; allowed: "
-        "simclr, moco, byol, simsiam, swav, barlow_twins, dino, rotation, inpainting"
+        "simclr, moco, byol, simsiam, swav, barlow_twins, dino, rotation, inpainting, counting, supervised"
     ]

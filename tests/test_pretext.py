@@ -96,3 +96,23 @@ def test_the_inpainting_encoder_never_sees_the_pixels_it_must_predict():
     method.encoder.register_forward_hook(lambda module, args, output: seen.append(output))
     method([images]), method([other_centre])
     assert torch.equal(seen[0], seen[1])  # the same features: the centre was hidden
+
+
+def test_counting_tiles_are_the_quadrants_of_the_image_and_its_loss_is_the_papers():
+    from selfsup.methods.counting import counting_loss, downsampled_and_tiles
+
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    whole, tiles = downsampled_and_tiles(images)
+    assert whole.shape == (2, 3, 2, 2) and all(t.shape == (2, 3, 2, 2) for t in tiles)
+    assert torch.equal(torch.cat([torch.cat(tiles[:2], 3), torch.cat(tiles[2:], 3)], 2), images)  # they reassemble it
+    assert torch.allclose(whole[:, :, 0, 0], images[:, :, :2, :2].mean((2, 3)))
+
+    torch.manual_seed(0)
+    counts_whole, tiles_sum, other = torch.rand(3, 5), torch.rand(3, 5), torch.rand(3, 5)
+    margin = 0.8
+    expected = 0.0
+    for i in range(3):  # the formula, one image at a time
+        same = sum((counts_whole[i, k] - tiles_sum[i, k]) ** 2 for k in range(5))
+        different = sum((other[i, k] - tiles_sum[i, k]) ** 2 for k in range(5))
+        expected += same + max(0.0, margin - different)
+    torch.testing.assert_close(counting_loss(counts_whole, tiles_sum, other, margin), expected / 3)

@@ -26,6 +26,7 @@ from selfsup.data.views import ViewSpec
 from selfsup.methods.barlow_twins import BarlowTwins
 from selfsup.methods.byol import BYOL
 from selfsup.methods.common import TrainingProgress
+from selfsup.methods.counting import Counting
 from selfsup.methods.dino import DINO
 from selfsup.methods.inpainting import Inpainting
 from selfsup.methods.moco import MoCo
@@ -37,7 +38,7 @@ from selfsup.methods.swav import SwAV
 
 METHODS: dict[str, type[nn.Module]] = {
     method.name: method
-    for method in (SimCLR, MoCo, BYOL, SimSiam, SwAV, BarlowTwins, DINO, Rotation, Inpainting, Supervised)
+    for method in (SimCLR, MoCo, BYOL, SimSiam, SwAV, BarlowTwins, DINO, Rotation, Inpainting, Counting, Supervised)
 }
 
 

@@ -1,0 +1,72 @@
+"""Counting (Noroozi et al., 2017): the "count" of visual primitives in an image, downsampled, equals the sum
+of its four tiles' counts; another image's count must differ by at least a margin.
+
+A pretext task: phi = ReLU(head(encoder(.))) is the count vector; D halves the image's side (2x2 average
+pooling) and T_1..T_4 are its quadrants, so all five inputs share one side and one encoder pass. The loss,
+per image x with another image y of the batch (the next one, across every worker):
+
+    ||phi(D x) - sum_j phi(T_j x)||^2 + max(0, M - ||phi(D y) - sum_j phi(T_j x)||^2)
+
+Adapted to small images: the paper's 114 px tiles of 228 px images become 8 px of 16 px (16 of 32), and
+its 1000 counts on AlexNet `count_dim` (default 1000) on our backbones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from selfsup.config import MethodKnobs, ViewConfig
+from selfsup.data.views import ViewSpec
+from selfsup.distributed import gather_with_grad, rank
+from selfsup.models.heads import mlp
+
+
+def downsampled_and_tiles(images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """N x C x H x W (H, W even) -> (D x: N x C x H/2 x W/2, the four quadrants T_1..T_4 of that size)."""
+    h, w = images.shape[2] // 2, images.shape[3] // 2
+    tiles = [images[:, :, :h, :w], images[:, :, :h, w:], images[:, :, h:, :w], images[:, :, h:, w:]]
+    return F.avg_pool2d(images, 2), tiles
+
+
+def counting_loss(whole: torch.Tensor, tiles_sum: torch.Tensor, other: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean over images of ||whole - tiles_sum||^2 + max(0, margin - ||other - tiles_sum||^2)."""
+    same = (whole - tiles_sum).pow(2).sum(1)
+    different = (other - tiles_sum).pow(2).sum(1)
+    return (same + F.relu(margin - different)).mean()
+
+
+class Counting(nn.Module):
+    name = "counting"
+    min_batch = 2  # the other image is another image of the batch
+    lr = 0.1  # per 256 images (SGD)
+
+    advice = "lower train.lr or method.counting.margin"
+
+    class Knobs(MethodKnobs):
+        count_dim: int = Field(default=1000, ge=1)
+        head_hidden_dim: int = Field(default=1024, ge=1)
+        margin: float = Field(default=10.0, gt=0)  # M, the paper's
+
+    @staticmethod
+    def views(knobs: Knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
+        return [ViewSpec(views)]  # one augmented view, then downsampled and tiled
+
+    def __init__(self, encoder: nn.Module, knobs: Knobs):
+        super().__init__()
+        self.encoder, self.knobs = encoder, knobs
+        self.head = mlp(encoder.feature_dim, knobs.head_hidden_dim, knobs.count_dim)
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        whole, tiles = downsampled_and_tiles(views[0])
+        features = self.encoder(torch.cat([whole, *tiles]))  # five inputs of one size: one pass
+        counts = F.relu(self.head(features)).float().chunk(5)
+        n = whole.shape[0]
+        with torch.autocast(features.device.type, enabled=False):
+            tiles_sum = sum(counts[1:])
+            # The next image's count, over the global batch: the same pairs however many workers share it.
+            other = gather_with_grad(counts[0]).roll(-1, dims=0)[rank() * n : (rank() + 1) * n]
+            loss = counting_loss(counts[0], tiles_sum, other, self.knobs.margin)
+        return loss, features[:n].detach().float()
