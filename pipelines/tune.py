@@ -73,9 +73,10 @@ def main() -> None:
 
     keys, metric, mode = list(config.space), config.metric, config.resolved_mode
     ranked = sorted_trials(trials, mode)
-    if ranked[0].metric is None:
-        raise ConfigError(f"no trial reported {metric}: see the errors in sweeps/trials.csv and {path}")
     write_trials_csv(ranked, keys, metric, SWEEPS / "trials.csv")
+    if ranked[0].metric is None:
+        end_sweep_run(parent, {}, [SWEEPS / "trials.csv"], status="FAILED")
+        raise ConfigError(f"no trial reported {metric}: see each trial's error in sweeps/trials.csv and {path}")
     log_keys = [key for key, distribution in config.space.items() if "loguniform" in distribution]
     values = {key: [t.values[key] for t in ranked] for key in keys}
     finished = [t.status == "completed" for t in ranked]

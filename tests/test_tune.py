@@ -203,3 +203,23 @@ def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate(sweep_rep
     assert len(rows) == 2 and all(0.1 < float(row["monitor_linear_top1"]) <= 1 for row in rows)
     assert len({row["eval.linear.lr"] for row in rows}) == 2
     assert "eval" in yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())
+
+
+def test_a_sweep_whose_every_trial_fails_says_so_in_one_line_and_lists_the_errors(sweep_repo):
+    repo, env = sweep_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tune"].update(
+        name="diverged",
+        metric="monitor_knn_top1",
+        num_samples=2,
+        epochs=2,
+        asha=None,
+        storage_path=None,
+        space={"train.lr": {"choice": [1.0e6]}},  # the loss becomes NaN in the first epoch
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["python", "-m", "pipelines.tune"], repo, env)
+    assert result.returncode == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no trial reported monitor_knn_top1")
+    rows = trials(repo)
+    assert len(rows) == 2 and all("the loss became nan" in row["status"] for row in rows), rows
