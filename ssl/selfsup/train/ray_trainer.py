@@ -200,7 +200,11 @@ def pretrain_with_ray(
     try:
         result = trainer.fit()
     except ray.train.WorkerGroupError as error:
-        raise _workers_lost(error, scaling.max_failures, Path(storage_path) / run_name) from None
+        lost = _workers_lost(error, scaling.max_failures, Path(storage_path) / run_name)
+        # Disconnect first: the controller's own teardown logs (a placement-group cleaner's timeout traceback)
+        # would otherwise reach this terminal after the one line that says what happened.
+        ray.shutdown()
+        raise lost from None
     if isinstance(result.return_value, SelfsupError):
         raise result.return_value
     if result.checkpoint is None:
