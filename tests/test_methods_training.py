@@ -62,16 +62,7 @@ def make_spec(manifest, method: str, knobs: dict | None = None, **train) -> Pret
             },
         }
     )
-    return PretrainSpec(
-        params.model,
-        params.method,
-        params.views,
-        params.train,
-        manifest.mean,
-        manifest.std,
-        16,
-        len(manifest.class_names),
-    )
+    return PretrainSpec.from_params(params, manifest)  # 16 px digits, their 10 classes
 
 
 def test_small_knobs_cover_every_method() -> None:

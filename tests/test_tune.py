@@ -53,6 +53,13 @@ def trial_results(repo: Path, name: str = "sweep", storage: Path | None = None) 
     }
 
 
+def set_tune(repo: Path, **tune) -> None:
+    """Replace keys of params.yaml's tune section whole (update_params would merge a new space into the old)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tune"].update(tune)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def mlflow_runs(repo: Path):
     import mlflow
 
@@ -186,8 +193,8 @@ def test_an_unreachable_cluster_fails_fast_with_the_fix(sweep_repo):
 
 def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate(sweep_repo):
     repo, env = sweep_repo
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["tune"].update(
+    set_tune(
+        repo,
         name="probed",
         metric="monitor_linear_top1",
         num_samples=2,
@@ -196,7 +203,6 @@ def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate(sweep_rep
         storage_path=None,
         space={"eval.linear.lr": {"loguniform": [0.001, 0.1]}, "train.lr": {"loguniform": [0.05, 0.5]}},
     )
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["python", "-m", "pipelines.tune"], repo, env)
     assert result.returncode == 0, result.output
     rows = trials(repo)
@@ -207,8 +213,8 @@ def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate(sweep_rep
 
 def test_a_sweep_whose_every_trial_fails_says_so_in_one_line_and_lists_the_errors(sweep_repo):
     repo, env = sweep_repo
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["tune"].update(
+    set_tune(
+        repo,
         name="diverged",
         metric="monitor_knn_top1",
         num_samples=2,
@@ -217,7 +223,6 @@ def test_a_sweep_whose_every_trial_fails_says_so_in_one_line_and_lists_the_error
         storage_path=None,
         space={"train.lr": {"choice": [1.0e6]}},  # the loss becomes NaN in the first epoch
     )
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["python", "-m", "pipelines.tune"], repo, env)
     assert result.returncode == 2, result.output
     assert result.stderr.strip().splitlines()[-1].startswith("error: no trial reported monitor_knn_top1")

@@ -31,6 +31,11 @@ class TrainingProgress:
         return self.step / self.steps_per_epoch
 
 
+def one_view(knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
+    """One augmented view, which the method transforms itself (the pretext tasks) or labels (supervised)."""
+    return [ViewSpec(views)]
+
+
 def two_views(knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
     """Two views made alike (SimCLR, MoCo, SimSiam, SwAV without multi-crop)."""
     return [ViewSpec(views), ViewSpec(views)]

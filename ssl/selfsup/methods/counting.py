@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.config import MethodKnobs, ViewConfig
-from selfsup.data.views import ViewSpec
+from selfsup.config import MethodKnobs
 from selfsup.distributed import gather_with_grad, rank
+from selfsup.methods.common import one_view
 from selfsup.models.heads import mlp
 
 
@@ -50,9 +50,7 @@ class Counting(nn.Module):
         head_hidden_dim: int = Field(default=1024, ge=1)
         margin: float = Field(default=10.0, gt=0)  # M, the paper's
 
-    @staticmethod
-    def views(knobs: Knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
-        return [ViewSpec(views)]  # one augmented view, then downsampled and tiled
+    views = staticmethod(one_view)
 
     def __init__(self, encoder: nn.Module, knobs: Knobs):
         super().__init__()

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.config import MethodKnobs, ViewConfig
-from selfsup.data.views import ViewSpec
+from selfsup.config import MethodKnobs
+from selfsup.methods.common import one_view
 from selfsup.models.heads import mlp
 
 
@@ -52,9 +52,7 @@ class Inpainting(nn.Module):
         mask_fraction: float = Field(default=0.5, gt=0, lt=1)  # the masked centre's side, of the image's
         decoder_hidden_dim: int = Field(default=1024, ge=1)
 
-    @staticmethod
-    def views(knobs: Knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
-        return [ViewSpec(views)]  # one augmented view, then masked
+    views = staticmethod(one_view)
 
     def __init__(self, encoder: nn.Module, knobs: Knobs):
         super().__init__()

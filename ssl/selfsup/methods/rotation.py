@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.config import MethodKnobs, ViewConfig
-from selfsup.data.views import ViewSpec
+from selfsup.config import MethodKnobs
+from selfsup.methods.common import one_view
 from selfsup.models.heads import mlp
 
 ROTATIONS = 4  # 0, 90, 180 and 270 degrees
@@ -49,9 +49,7 @@ class Rotation(nn.Module):
         all_rotations: bool = True  # each image four times, as the official code (false: one each, as VISSL)
         head_hidden_dim: int = Field(default=512, ge=1)
 
-    @staticmethod
-    def views(knobs: Knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
-        return [ViewSpec(views)]  # one augmented view, then rotated
+    views = staticmethod(one_view)
 
     def __init__(self, encoder: nn.Module, knobs: Knobs):
         super().__init__()

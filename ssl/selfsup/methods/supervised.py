@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.config import MethodKnobs, ViewConfig
-from selfsup.data.views import ViewSpec
+from selfsup.config import MethodKnobs
+from selfsup.methods.common import one_view
 
 
 def labelled_cross_entropy(
@@ -36,9 +36,7 @@ class Supervised(nn.Module):
     class Knobs(MethodKnobs):
         label_smoothing: float = Field(default=0.0, ge=0, lt=1)
 
-    @staticmethod
-    def views(knobs: Knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
-        return [ViewSpec(views)]  # one augmented view, as standard supervised training
+    views = staticmethod(one_view)
 
     def __init__(self, encoder: nn.Module, knobs: Knobs, num_classes: int):
         super().__init__()
