@@ -106,7 +106,7 @@ def make_step(images: np.ndarray, args: argparse.Namespace, precision: str, comp
     mean, std = sample.mean(0).tolist(), sample.std(0).tolist()
     # 10 classes: what a method that trains on labels (the supervised reference) gets; the others ignore it.
     spec = PretrainSpec(params.model, params.method, params.views, params.train, mean, std, images.shape[1], 10)
-    return single_process_step(spec, torch.device(args.device))
+    return single_process_step(spec, torch.device(args.device), num_images=len(images))
 
 
 def images_per_second(train_step: Callable[[], torch.Tensor], args: argparse.Namespace, warmup: int) -> float:
@@ -132,7 +132,20 @@ def model_alone(step: TrainStep, images: np.ndarray, args: argparse.Namespace) -
     """(a) Random float views, made once: no data pipeline at all."""
     sides = [spec.size or images.shape[1] for spec in step.views]
     views = [torch.rand(args.batch_size, 3, side, side, device=args.device) for side in sides]
-    return images_per_second(lambda: step.update(views, PROGRESS), args, args.warmup)
+    batch = torch.arange(args.batch_size, device=args.device)
+    inputs = method_inputs(step, batch, torch.Generator(args.device).manual_seed(0))
+    return images_per_second(lambda: step.update(views, PROGRESS, **inputs), args, args.warmup)
+
+
+def method_inputs(step: TrainStep, batch: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """What the loop hands the methods that take more than views: random labels of 10 classes to the supervised
+    reference (the time is what is measured), the batch's indices to Exemplar-CNN."""
+    inputs = {}
+    if getattr(step.model, "uses_labels", False):
+        inputs["labels"] = torch.randint(10, batch.shape, device=batch.device, generator=generator)
+    if getattr(step.model, "uses_indices", False):
+        inputs["indices"] = batch
+    return inputs
 
 
 def ours(step: TrainStep, images: np.ndarray, args: argparse.Namespace) -> float:
@@ -141,12 +154,9 @@ def ours(step: TrainStep, images: np.ndarray, args: argparse.Namespace) -> float
     data = torch.tensor(images, device=device)
     generator = view_generator(seed=0, epoch=0, rank=0, device=device)
 
-    takes_labels = getattr(step.model, "uses_labels", False)  # the supervised reference: labels to time it with
-
     def train_step() -> torch.Tensor:
         batch = torch.randint(len(data), (args.batch_size,), device=device, generator=generator)
-        labels = torch.randint(10, (args.batch_size,), device=device, generator=generator) if takes_labels else None
-        return step(data[batch], generator, PROGRESS, labels)
+        return step(data[batch], generator, PROGRESS, **method_inputs(step, batch, generator))
 
     return images_per_second(train_step, args, args.warmup)
 

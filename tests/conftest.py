@@ -147,16 +147,19 @@ def _stop_ray_cluster(temp_dir: str, port: int) -> None:
         process.kill()
 
 
-def method_labels(name: str, count: int, num_classes: int = 10):
-    """Labels for a method that trains on them (the supervised reference), else None: what the loop passes."""
+def method_inputs(name: str, count: int, num_classes: int = 10) -> dict:
+    """What the loop passes a method besides its views, for a batch of `count` images: the labels to a method
+    that trains on them (the supervised reference), the images' indices to Exemplar-CNN; else nothing."""
     import torch
 
     from selfsup.methods import METHODS
 
-    return torch.arange(count) % num_classes if getattr(METHODS[name], "uses_labels", False) else None
+    inputs = {}
+    if getattr(METHODS[name], "uses_labels", False):
+        inputs["labels"] = torch.arange(count) % num_classes
+    if getattr(METHODS[name], "uses_indices", False):
+        inputs["indices"] = torch.arange(count)
+    return inputs
 
 
-def label_args(name: str, count: int) -> tuple:
-    """`method(views, *label_args(name, n))`: the labels as a second argument only for a method that takes them."""
-    labels = method_labels(name, count)
-    return () if labels is None else (labels,)
+TEST_IMAGES = 64  # the training set Exemplar-CNN's classes are sized for in the step-level tests

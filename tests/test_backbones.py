@@ -163,3 +163,19 @@ def test_saved_vit_encoder_loads_back_identical(tmp_path):
     images = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(images), encoder(images))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_backbone_shows_its_last_map_whose_average_is_its_features(name):
+    """OBoW's teacher reads the map; a CNN's pooled features are its mean, a ViT's map is its patch tokens."""
+    torch.manual_seed(0)
+    width = 0.25 if name in WIDTH_MULTIPLIED else 1.0
+    encoder = Encoder(ModelConfig(backbone=name, width=width), [0.5] * 3, [0.25] * 3, image_size=16).eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        features, feature_map = encoder(x), encoder.feature_map(x)
+    assert feature_map.shape[:2] == (2, encoder.feature_dim) and feature_map.dim() == 4
+    if name.startswith("vit"):
+        assert feature_map.shape[2:] == (4, 4)  # 16 px in patches of 4
+    else:
+        torch.testing.assert_close(feature_map.mean((2, 3)), features, rtol=1e-4, atol=1e-5)

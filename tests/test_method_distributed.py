@@ -22,7 +22,7 @@ from selfsup.models.batchnorm import convert_to_global_batchnorm
 from selfsup.train.loop import PretrainSpec, build_model
 from selfsup.train.optim import build_optimizer
 from selfsup.train.step import TrainStep
-from tests.conftest import method_labels
+from tests.conftest import TEST_IMAGES, method_inputs
 from tests.test_method_losses import SMALL_KNOBS, TinyEncoder
 
 WORLD = 2
@@ -61,7 +61,7 @@ def spawn(worker, tmp_path, *args) -> dict:
 def build(name: str, **knobs):
     torch.manual_seed(0)  # identical initial weights (and MoCo queue) on every rank, as DDP's broadcast makes them
     params = load_params({"method": {"name": name, name: {**SMALL_KNOBS[name], **knobs}}})
-    return build_method(TinyEncoder(), params.method, num_classes=10)
+    return build_method(TinyEncoder(), params.method, num_classes=10, num_images=TEST_IMAGES)
 
 
 # ------------------------------------------------------------------------------------------- Barlow Twins
@@ -210,17 +210,17 @@ def _fixed_views(name: str) -> list[list[torch.Tensor]]:
 def _train_steps(name: str, views: list[list[torch.Tensor]], rank: int | None) -> tuple[list[float], dict]:
     """STEPS optimiser steps of the whole method, as a worker of train_loop takes them (rank None: one process)."""
     spec = _whole_spec(name)
-    method = build_model(spec)
+    method = build_model(spec, num_images=WHOLE_BATCH)
     model = method
-    labels = method_labels(name, WHOLE_BATCH)  # the supervised reference's; None for the others
+    inputs = method_inputs(name, WHOLE_BATCH)  # the supervised reference's labels, Exemplar's indices
     if rank is not None:  # as train_loop does with several CPU workers
         convert_to_global_batchnorm(method)
         model = DistributedDataParallel(method)
         views = [[view.chunk(WORLD)[rank] for view in batch] for batch in views]
-        labels = None if labels is None else labels.chunk(WORLD)[rank]
+        inputs = {key: value.chunk(WORLD)[rank] for key, value in inputs.items()}
     optimizer = build_optimizer(method, spec.train, learning_rate(spec.train, spec.method))
     step = TrainStep(model, optimizer, [], spec.train, torch.device("cpu"), method=method)
-    losses = [step.update(batch, TrainingProgress(i, STEPS, 1), labels)[0].item() for i, batch in enumerate(views)]
+    losses = [step.update(batch, TrainingProgress(i, STEPS, 1), **inputs)[0].item() for i, batch in enumerate(views)]
     return losses, {key: value.clone() for key, value in method.state_dict().items()}
 
 

@@ -25,7 +25,7 @@ from selfsup.methods.dino import dino_loss
 from selfsup.methods.moco import info_nce_loss
 from selfsup.methods.swav import sinkhorn, swapped_prediction_loss
 from selfsup.models.ema import EMATeacher, cosine_momentum
-from tests.conftest import label_args
+from tests.conftest import TEST_IMAGES, method_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -46,14 +46,19 @@ SMALL_KNOBS = {
     "swav": {"projection_hidden_dim": 16, "projection_dim": 8, "prototypes": 6, "local_crops": 2},
     "barlow_twins": {"projection_hidden_dim": 16, "projection_dim": 8},
     "dino": {"projection_hidden_dim": 16, "bottleneck_dim": 8, "output_dim": 12, "local_crops": 2},
+    "obow": {"words": 12, "local_crops": 2},
     "rotation": {"head_hidden_dim": 16},
     "inpainting": {"decoder_hidden_dim": 16},
     "counting": {"count_dim": 8, "head_hidden_dim": 16},
+    "exemplar": {"embedding_dim": 8},
     "supervised": {},
 }
-EMBEDDING_DIM = {name: knobs.get("projection_dim", knobs.get("bottleneck_dim")) for name, knobs in SMALL_KNOBS.items()}
+EMBEDDING_DIM = {
+    name: knobs.get("projection_dim", knobs.get("bottleneck_dim", knobs.get("embedding_dim")))
+    for name, knobs in SMALL_KNOBS.items()
+}
 # The pretext tasks and the supervised reference watch the encoder's features (TinyEncoder.feature_dim).
-EMBEDDING_DIM.update(rotation=8, inpainting=8, counting=8, supervised=8)
+EMBEDDING_DIM.update(obow=8, rotation=8, inpainting=8, counting=8, supervised=8)
 IMAGE_SIZE = 16
 
 
@@ -77,11 +82,14 @@ class TinyEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[:-2](x)  # before the pooling, as the Encoder's
+
 
 def build(name: str, seed: int = 0, **knobs) -> nn.Module:
     torch.manual_seed(seed)  # the heads' and the encoder's initial weights
     params = load_params({"method": {"name": name, name: {**SMALL_KNOBS[name], **knobs}}})
-    return build_method(TinyEncoder(), params.method, num_classes=10)
+    return build_method(TinyEncoder(), params.method, num_classes=10, num_images=TEST_IMAGES)
 
 
 def random_views(count: int, n: int = 4, side: int = 8, seed: int = 0) -> list[torch.Tensor]:
@@ -618,9 +626,11 @@ def test_small_knobs_cover_every_method() -> None:
 def test_each_method_runs_forward_and_backward_on_its_declared_views(name: str) -> None:
     method = build(name)
     views = declared_views(name, n=4)
-    one_view = ("rotation", "inpainting", "counting", "supervised")  # each transforms a single view itself
-    assert len(views) == (1 if name in one_view else 4 if SMALL_KNOBS[name].get("local_crops") else 2)
-    loss, embeddings = method(views, *label_args(name, 4))
+    one_view = ("rotation", "inpainting", "counting", "exemplar", "supervised")  # each transforms a single view itself
+    local_crops = SMALL_KNOBS[name].get("local_crops", 0)
+    expected = 1 if name in one_view else 3 + local_crops if name == "obow" else 2 + local_crops  # OBoW: + teacher
+    assert len(views) == expected
+    loss, embeddings = method(views, **method_inputs(name, 4))
     assert loss.shape == () and torch.isfinite(loss)
     assert embeddings.shape == (4, EMBEDDING_DIM[name]) and torch.isfinite(embeddings).all()
     loss.backward()

@@ -26,9 +26,11 @@ SMALL_KNOBS = {
     "swav": {"projection_hidden_dim": 64, "projection_dim": 32, "prototypes": 30, "local_crops": 2},
     "barlow_twins": {"projection_hidden_dim": 64, "projection_dim": 64},
     "dino": {"projection_hidden_dim": 64, "bottleneck_dim": 32, "output_dim": 256, "local_crops": 2},
+    "obow": {"words": 256},
     "rotation": {"head_hidden_dim": 64},
     "inpainting": {"decoder_hidden_dim": 64},
     "counting": {"count_dim": 64, "head_hidden_dim": 64},
+    "exemplar": {"embedding_dim": 32},
     "supervised": {},
 }
 

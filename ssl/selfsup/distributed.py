@@ -63,3 +63,17 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def rand_per_image(n: int, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform [0, 1) draws of `shape` for each of this worker's n images: those one process holding the global
+    batch would draw for them. Every worker's generator is seeded alike (train.seed), so each draws for the whole
+    global batch and keeps its own slice: a pretext task's labels do not depend on how many workers share it."""
+    everyone = torch.rand(n * world_size(), *shape, device=device)
+    return everyone[rank() * n : (rank() + 1) * n]
+
+
+def randint_per_image(high: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One integer in [0, high) per image of this worker's n, as `rand_per_image` draws them."""
+    everyone = torch.randint(high, (n * world_size(),), device=device)
+    return everyone[rank() * n : (rank() + 1) * n]

@@ -11,7 +11,8 @@ A method is an `nn.Module` class that declares itself once, in its own file, as 
 and implements `forward(views) -> (loss, embeddings)`, the embeddings being what the loss compares
 (watched for collapse). The one training loop also calls these hooks where a method has them:
 
-    uses_labels                the supervised reference alone: forward(views, labels) gets the labels too
+    uses_labels                the supervised reference alone: forward(views, labels=...) gets the labels too
+    uses_indices               Exemplar-CNN: forward(views, indices=...) gets the images' indices in the training set
     after_backward(progress)   between backward and the optimiser step (freezing: drop gradients)
     after_step(progress)       after the optimiser step (EMA teacher, queue, centre)
     fixed_lr_parameters()      parameters the learning-rate schedule leaves at the peak learning rate
@@ -28,8 +29,10 @@ from selfsup.methods.byol import BYOL
 from selfsup.methods.common import TrainingProgress
 from selfsup.methods.counting import Counting
 from selfsup.methods.dino import DINO
+from selfsup.methods.exemplar import Exemplar
 from selfsup.methods.inpainting import Inpainting
 from selfsup.methods.moco import MoCo
+from selfsup.methods.obow import OBoW
 from selfsup.methods.rotation import Rotation
 from selfsup.methods.simclr import SimCLR, nt_xent_loss
 from selfsup.methods.simsiam import SimSiam
@@ -38,7 +41,21 @@ from selfsup.methods.swav import SwAV
 
 METHODS: dict[str, type[nn.Module]] = {
     method.name: method
-    for method in (SimCLR, MoCo, BYOL, SimSiam, SwAV, BarlowTwins, DINO, Rotation, Inpainting, Counting, Supervised)
+    for method in (
+        SimCLR,
+        MoCo,
+        BYOL,
+        SimSiam,
+        SwAV,
+        BarlowTwins,
+        DINO,
+        OBoW,
+        Rotation,
+        Inpainting,
+        Counting,
+        Exemplar,
+        Supervised,
+    )
 }
 
 
@@ -47,17 +64,28 @@ def uses_labels(config: MethodConfig, train: TrainConfig | None = None) -> bool:
     return getattr(METHODS[config.name], "uses_labels", False) or bool(train and train.label_loss_weight > 0)
 
 
+def uses_indices(config: MethodConfig) -> bool:
+    """Whether training reads which images a batch holds (Exemplar-CNN: each image is its own class)."""
+    return getattr(METHODS[config.name], "uses_indices", False)
+
+
 def build_method(
-    encoder: nn.Module, config: MethodConfig, num_classes: int = 0, label_loss_weight: float = 0.0
+    encoder: nn.Module,
+    config: MethodConfig,
+    num_classes: int = 0,
+    label_loss_weight: float = 0.0,
+    num_images: int = 0,
 ) -> nn.Module:
-    """The method `config` names, on `encoder`; with `label_loss_weight` > 0, plus that labelled term."""
+    """The method `config` names, on `encoder`; with `label_loss_weight` > 0, plus that labelled term.
+    `num_classes` sizes the label heads, `num_images` (the training set's) Exemplar-CNN's classes."""
     cls = METHODS[config.name]
     labelled = getattr(cls, "uses_labels", False) or label_loss_weight > 0
     if labelled and num_classes < 2:
         raise ValueError(f"{config.name}: training on labels needs num_classes >= 2, got {num_classes}")
-    method = (
-        cls(encoder, config.knobs, num_classes) if getattr(cls, "uses_labels", False) else cls(encoder, config.knobs)
-    )
+    sizes = {"num_classes": num_classes} if getattr(cls, "uses_labels", False) else {}
+    if uses_indices(config):
+        sizes["num_images"] = num_images
+    method = cls(encoder, config.knobs, **sizes)
     return LabelledLoss(method, num_classes, label_loss_weight) if label_loss_weight > 0 else method
 
 
@@ -65,4 +93,4 @@ def method_views(config: MethodConfig, views: ViewConfig, image_size: int) -> li
     return METHODS[config.name].views(config.knobs, views, image_size)
 
 
-__all__ = ["METHODS", "TrainingProgress", "build_method", "method_views", "nt_xent_loss", "uses_labels"]
+__all__ = ["METHODS", "TrainingProgress", "build_method", "method_views", "nt_xent_loss", "uses_indices", "uses_labels"]

@@ -65,6 +65,16 @@ def with_local_views(
     return global_views + [local] * count
 
 
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, end: torch.Tensor, items: torch.Tensor) -> None:
+    """First in, first out: `items` overwrite `queue`'s oldest rows, from `end` (a 0-d index buffer, moved past
+    them) wrapping around; of more items than it holds only the newest stay (MoCo's keys, OBoW's words)."""
+    items = items[-len(queue) :]
+    slots = (end + torch.arange(len(items), device=items.device)) % len(queue)
+    queue[slots] = items.to(queue.dtype)
+    end.copy_((end + len(items)) % len(queue))
+
+
 def forward_by_size(module: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run module on the views, one pass per run of equal-sized views (as DINO's MultiCropWrapper), so
     views of a size share BatchNorm statistics; returns one output per view."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from selfsup.config import MethodKnobs
 from selfsup.distributed import all_gather
-from selfsup.methods.common import TrainingProgress, two_views
+from selfsup.methods.common import TrainingProgress, enqueue, two_views
 from selfsup.models.ema import EMATeacher, cosine_momentum
 from selfsup.models.heads import mlp
 
@@ -73,10 +73,5 @@ class MoCo(nn.Module):
         # holding the whole batch would fill it.
         self.enqueue(torch.cat([all_gather(keys) for keys in self._keys]))
 
-    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """First in, first out: the keys overwrite the oldest entries, wrapping around the end."""
-        keys = keys[-len(self.queue) :]
-        slots = (self.queue_end + torch.arange(len(keys), device=keys.device)) % len(self.queue)
-        self.queue[slots] = keys.to(self.queue.dtype)
-        self.queue_end.copy_((self.queue_end + len(keys)) % len(self.queue))
+        enqueue(self.queue, self.queue_end, keys)

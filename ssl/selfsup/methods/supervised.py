@@ -70,7 +70,9 @@ class LabelledLoss(nn.Module):
     def encoder(self) -> nn.Module:
         return self.method.encoder
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, embeddings = self.method(views)
+    def forward(
+        self, views: list[torch.Tensor], labels: torch.Tensor, **inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, embeddings = self.method(views, **inputs)  # the indices, for Exemplar-CNN
         labelled = labelled_cross_entropy(self.head, self.method.encoder(views[0]), labels)
         return loss + self.weight * labelled, embeddings

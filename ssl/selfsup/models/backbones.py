@@ -5,7 +5,8 @@ mean and std (stored as buffers, so the saved weights carry them) and returns N 
 
 Every backbone is built for small images (32 px CIFAR, 16 px digits): the ResNets and RegNets use the
 CIFAR stem (a stride-1 3x3 conv, no max-pool), the ViTs a small patch and a positional embedding sized
-for the dataset's images. Each has an `out_dim` attribute, the size of its pooled features. The small CNN
+for the dataset's images. Each has an `out_dim` attribute, the size of its pooled features, and a
+`feature_map(x)`, its last N x out_dim x h x w map before pooling (a ViT's patch tokens on their grid). The small CNN
 is here; the others, built from torchvision's blocks, are in `torchvision_backbones.py`.
 """
 
@@ -38,6 +39,9 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features[:-2](x)  # all but the pooling
 
 
 Builder = Callable[[ModelConfig, int], nn.Module]  # (model config, image side in pixels) -> backbone with out_dim
@@ -83,6 +87,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone((x - self.mean) / self.std)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last map before global pooling, N x feature_dim x h x w (OBoW's teacher reads it)."""
+        return self.backbone.feature_map((x - self.mean) / self.std)
 
 
 def save_encoder(encoder: Encoder, path: str | Path, image_size: list[int]) -> None:

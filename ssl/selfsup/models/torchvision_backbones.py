@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import regnet_y_1_6gf, regnet_y_400mf
-from torchvision.models.regnet import ResBottleneckBlock
+from torchvision.models.regnet import RegNet, ResBottleneckBlock
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -79,9 +79,10 @@ class CifarResNet(nn.Module):
             zero_init_residual_branches(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.pool(x)
+        return self.pool(self.feature_map(x))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
 
 def _check_patch_divides(size: int, patch_size: int) -> None:
@@ -118,6 +119,14 @@ class SmallImageViT(VisionTransformer):
         return torch.cat([class_embedding, patch_grid.flatten(2).transpose(1, 2)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)[:, 0]
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch tokens' final states on their grid: N x hidden_dim x height/patch x width/patch."""
+        grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+        return self.tokens(x)[:, 1:].transpose(1, 2).unflatten(2, grid)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
         # torchvision's forward, minus its check that the input is image_size and with a resized position embedding
         n, _, height, width = x.shape
         _check_patch_divides(height, self.patch_size)
@@ -126,12 +135,20 @@ class SmallImageViT(VisionTransformer):
         tokens = torch.cat([self.class_token.expand(n, -1, -1), patches], dim=1)
         tokens = tokens + self.position_embedding(height // self.patch_size, width // self.patch_size)
         encoder = self.encoder
-        return encoder.ln(encoder.layers(encoder.dropout(tokens)))[:, 0]
+        return encoder.ln(encoder.layers(encoder.dropout(tokens)))
+
+
+class CifarRegNet(RegNet):
+    """torchvision's RegNet with its last map exposed, as every backbone has."""
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk_output(self.stem(x))
 
 
 def cifar_regnet(build_torchvision_regnet: Callable[..., nn.Module], config: ModelConfig) -> nn.Module:
     """A torchvision RegNet (untrained) with the CIFAR stem and no fc: returns its pooled trunk features."""
     model = build_torchvision_regnet(weights=None)
+    model.__class__ = CifarRegNet  # torchvision's builders pick the block widths; only a method is added
     # The stem's 3x3 conv at stride 1, so 32 px images keep their resolution into the first stage.
     model.stem[0].stride = (1, 1)
     model.out_dim = model.fc.in_features

@@ -24,7 +24,7 @@ from selfsup.config import MethodConfig, ModelConfig, Params, TrainConfig, ViewC
 from selfsup.data.arrays import Manifest
 from selfsup.data.views import view_generator
 from selfsup.errors import CheckpointError, CollapseError, ConfigError, NonFiniteLossError
-from selfsup.methods import TrainingProgress, build_method, method_views, uses_labels
+from selfsup.methods import TrainingProgress, build_method, method_views, uses_indices, uses_labels
 from selfsup.models import Encoder
 from selfsup.models.batchnorm import convert_to_global_batchnorm
 from selfsup.train.collapse import effective_rank, embedding_std
@@ -135,16 +135,17 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from None
 
 
-def build_model(spec: PretrainSpec) -> nn.Module:
-    """The method module (encoder + heads), initialised from train.seed: identical on every worker."""
+def build_model(spec: PretrainSpec, num_images: int = 0) -> nn.Module:
+    """The method module (encoder + heads), initialised from train.seed: identical on every worker.
+    `num_images`, the training set's size, sizes Exemplar-CNN's classes."""
     torch.manual_seed(spec.train.seed)
     encoder = Encoder(spec.model, spec.mean, spec.std, image_size=spec.image_size)
-    return build_method(encoder, spec.method, spec.num_classes, spec.train.label_loss_weight)
+    return build_method(encoder, spec.method, spec.num_classes, spec.train.label_loss_weight, num_images)
 
 
-def single_process_step(spec: PretrainSpec, device: torch.device) -> TrainStep:
+def single_process_step(spec: PretrainSpec, device: torch.device, num_images: int = 0) -> TrainStep:
     """A fresh method, optimiser and step in one process: what a worker builds, without DDP (benchmarks)."""
-    method = build_model(spec).to(device)
+    method = build_model(spec, num_images).to(device)
     views = method_views(spec.method, spec.views, spec.image_size)
     optimizer = build_optimizer(method, spec.train, learning_rate(spec.train, spec.method))
     return TrainStep(method, optimizer, views, spec.train, device)
@@ -179,7 +180,7 @@ def train_loop(
         raise ConfigError(
             f"params.yaml: train.batch_size={train.batch_size} exceeds the {len(images)} training images; lower it"
         )
-    method = build_model(spec).to(device)
+    method = build_model(spec, num_images=len(images)).to(device)
     peak_lr = learning_rate(train, spec.method)
     optimizer = build_optimizer(method, train, peak_lr)
     state = session.latest_checkpoint()
@@ -212,6 +213,7 @@ def train_loop(
     step = TrainStep(model, optimizer, views, train, device, method=method)
     data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
     targets = torch.tensor(labels, dtype=torch.long, device=device) if spec.uses_labels else None
+    with_indices = uses_indices(spec.method)
     low_std_epochs = 0  # consecutive epochs whose embeddings looked collapsed
 
     total_steps, warmup_steps = train.epochs * steps_per_epoch, train.warmup_epochs * steps_per_epoch
@@ -226,7 +228,10 @@ def train_loop(
             lr = warmup_cosine(progress.step, total_steps, warmup_steps, peak_lr)
             set_lr(optimizer, lr)
             batch = shard[i * local_batch : (i + 1) * local_batch]
-            loss, embeddings = step(data[batch], generator, progress, None if targets is None else targets[batch])
+            inputs = {} if targets is None else {"labels": targets[batch]}
+            if with_indices:  # each image's index is its class (Exemplar-CNN)
+                inputs["indices"] = batch
+            loss, embeddings = step(data[batch], generator, progress, **inputs)
             sums[0] += loss
             sums[1] += embedding_std(embeddings)
         if session.world_size > 1:  # every rank sees the global means, so all stop together

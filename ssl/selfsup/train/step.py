@@ -18,7 +18,7 @@ from selfsup.models import Encoder
 
 
 class TrainStep:
-    """Callable `(uint8 N x H x W x 3 batch on device, generator, progress) -> (loss, embeddings)`, detached.
+    """Callable `(uint8 N x H x W x 3 batch on device, generator, progress, **inputs) -> (loss, embeddings)`, detached.
 
     `model` is what runs forward (the method, or DDP around it); `method` is the method itself, whose
     hooks run around the optimiser step.
@@ -56,23 +56,20 @@ class TrainStep:
                     module.compile()
 
     def __call__(
-        self,
-        images: torch.Tensor,
-        generator: torch.Generator,
-        progress: TrainingProgress,
-        labels: torch.Tensor | None = None,
+        self, images: torch.Tensor, generator: torch.Generator, progress: TrainingProgress, **inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.update(make_views(images, self.views, generator), progress, labels)
+        return self.update(make_views(images, self.views, generator), progress, **inputs)
 
     def update(
-        self, views: list[torch.Tensor], progress: TrainingProgress, labels: torch.Tensor | None = None
+        self, views: list[torch.Tensor], progress: TrainingProgress, **inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward and optimiser step on views made elsewhere (benchmarks feed it directly). `labels`
-        go to the methods that train on them (the supervised reference, a labelled auxiliary term) only."""
+        """Forward, backward and optimiser step on views made elsewhere (benchmarks feed it directly). `inputs`
+        go to the methods that declare them: `labels` (the supervised reference, a labelled auxiliary term),
+        `indices` (Exemplar-CNN)."""
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with self.autocast:
-            loss, embeddings = self.model(views) if labels is None else self.model(views, labels)
+            loss, embeddings = self.model(views, **inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.after_backward:

@@ -1,0 +1,160 @@
+"""OBoW (Gidaris et al., 2021): from augmented crops, a student predicts the bag of visual words that an EMA
+teacher finds in the whole image's feature map, over a vocabulary of the teacher's own recent local features.
+
+- Teacher: the EMA copy of the encoder (momentum cosine from 0.99 to 1), no heads. Its last feature map, less
+  the border (padding marks it), is soft-assigned to the K words by squared distance: codes = softmax_k(
+  -(inv_delta / mu) d_k^2), mu an EMA of the batch's mean distance to the nearest word. The target is the codes
+  max-pooled over the map, then L1-normalised: which words the image holds, a distribution over K.
+- Vocabulary: a first-in-first-out queue of K local features. Each step, the teacher's map is 3x3 average-pooled
+  and one random location per image, gathered from every worker, replaces the oldest words.
+- Student: the encoder's pooled features f of each crop. The dynamic head generates each word's weight vector
+  from the vocabulary itself (L2-normalise, Linear, BatchNorm over the words, ReLU, Linear, L2-normalise), so
+  it follows the vocabulary as it changes, and scores kappa f . w_k; the loss is the KL divergence from the
+  target, averaged over crops.
+
+Adapted to small images: the teacher sees the whole image, flipped as `views.flip_prob` says, with no colour
+change (OBoW: a 224 px centre crop of 256); the student two crops at the image's side with the pipeline's
+augmentations (OBoW: 160 of 224 px) and `local_crops` multi-crop views (OBoW: 5 patches of 96 px). One BoW
+level, the last map (OBoW's vanilla model; the full one adds conv4). That map is 4 x 4 for the small CNN at
+16 px, so the border is dropped only from maps of at least 4 x 4, and the 3x3 pooling shrinks to fit smaller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from selfsup.config import CropScale, MethodKnobs, ViewConfig
+from selfsup.data.views import ViewSpec
+from selfsup.distributed import all_gather, all_reduce_sum, randint_per_image, world_size
+from selfsup.methods.common import TrainingProgress, enqueue, forward_by_size, with_local_views
+from selfsup.models.ema import EMATeacher, cosine_momentum
+
+
+def soft_codes(features: torch.Tensor, words: torch.Tensor, inverse_delta: torch.Tensor) -> torch.Tensor:
+    """N x C x h x w local features -> N x K x h x w soft assignments to the K x C words (each sums to 1)."""
+    local = features.flatten(2).transpose(1, 2)  # N x hw x C
+    squared = (local.pow(2).sum(2, keepdim=True) + words.pow(2).sum(1) - 2 * local @ words.T).clamp(min=0)
+    return F.softmax(-inverse_delta * squared, dim=2).transpose(1, 2).unflatten(2, features.shape[2:])
+
+
+def bow_targets(codes: torch.Tensor) -> torch.Tensor:
+    """N x K x h x w codes -> N x K bags of words: max over the locations, L1-normalised to a distribution."""
+    return F.normalize(codes.amax(dim=(2, 3)), p=1, dim=1)
+
+
+def min_distance(features: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """The mean over local features of the squared distance to the nearest word (what mu follows)."""
+    local = features.flatten(2).transpose(1, 2).flatten(0, 1)
+    return torch.cdist(local, words).pow(2).amin(1).mean()
+
+
+def inner_map(features: torch.Tensor) -> torch.Tensor:
+    """The map less its 1-location border, when at least 2 x 2 remain (OBoW drops the border always)."""
+    return features[:, :, 1:-1, 1:-1] if min(features.shape[2:]) >= 4 else features
+
+
+def sampled_local_features(features: torch.Tensor) -> torch.Tensor:
+    """One random location per image of the 3x3-averaged map (smaller kernels on smaller maps): N x C."""
+    pooled = F.avg_pool2d(features, kernel_size=min(3, *features.shape[2:]), stride=1).flatten(2)
+    pick = randint_per_image(pooled.shape[2], pooled.shape[0], features.device)
+    return pooled[torch.arange(pooled.shape[0], device=features.device), :, pick]
+
+
+class WordNorm(nn.Module):
+    """BatchNorm over the K words, without running statistics (the head only ever trains). Not an nn.BatchNorm:
+    the cross-worker BatchNorm conversion would count every worker's identical words again."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True)
+
+
+class DynamicBoWHead(nn.Module):
+    """Weights generated from the vocabulary, one per word: kappa * f . w_k are the student's BoW logits."""
+
+    def __init__(self, word_dim: int, feature_dim: int, kappa: float):
+        super().__init__()
+        self.kappa = kappa
+        self.generator = nn.Sequential(
+            nn.Linear(word_dim, 2 * feature_dim, bias=False),
+            WordNorm(2 * feature_dim),
+            nn.ReLU(),
+            nn.Linear(2 * feature_dim, feature_dim),
+        )
+
+    def forward(self, features: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        weights = F.normalize(self.generator(F.normalize(words, dim=1)), dim=1)
+        return self.kappa * features @ weights.T
+
+
+class OBoW(nn.Module):
+    name = "obow"
+    min_batch = 1  # the targets come from the teacher, not from other images
+    lr = 0.05  # per 256 images (SGD): OBoW's ResNet-18 on ImageNet-20%, 0.05 at batch 128
+
+    advice = "raise method.obow.momentum, or lower method.obow.inverse_delta"
+
+    class Knobs(MethodKnobs):
+        words: int = Field(default=2048, ge=2)  # K (OBoW: 8192 on ImageNet; the digits are 1,295 images)
+        inverse_delta: float = Field(default=10.0, gt=0)  # OBoW's ResNet-18 value (15 for ResNet-50)
+        kappa: float = Field(default=5.0, gt=0)  # OBoW's ResNet-18 value (8 for ResNet-50)
+        momentum: float = Field(default=0.99, ge=0, le=1)  # teacher EMA, cosine to 1
+        distance_momentum: float = Field(default=0.99, ge=0, lt=1)  # of mu, OBoW's
+        local_crops: int = Field(default=2, ge=0)
+        local_size: float = Field(default=0.5, gt=0, le=1)  # their side, a fraction of the image's
+        local_crop_scale: CropScale = (0.05, 0.4)
+
+    @staticmethod
+    def views(knobs: Knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
+        plain = {"crop_scale": (1.0, 1.0), "jitter_prob": 0.0, "grayscale_prob": 0.0, "blur_prob": 0.0}
+        teacher = ViewSpec(views.model_copy(update={**plain, "solarize_prob": 0.0}))
+        student = [ViewSpec(views), ViewSpec(views)]
+        return [teacher] + with_local_views(
+            student, views, image_size, knobs.local_crops, knobs.local_size, knobs.local_crop_scale
+        )
+
+    def __init__(self, encoder: nn.Module, knobs: Knobs):
+        super().__init__()
+        self.encoder, self.knobs = encoder, knobs
+        self.teacher = EMATeacher(self.encoder)
+        self.head = DynamicBoWHead(encoder.feature_dim, encoder.feature_dim, knobs.kappa)
+        # OBoW's start: non-negative random words, as the ReLU maps they will be replaced by.
+        self.register_buffer("vocabulary", torch.randn(knobs.words, encoder.feature_dim).clamp(min=0))
+        self.register_buffer("vocabulary_end", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean_min_distance", torch.tensor(0.5))  # mu, OBoW's start
+        self._sampled: torch.Tensor | None = None  # this step's local features, queued after the step
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        crops = forward_by_size(self.encoder, views[1:])
+        words = self.vocabulary.clone()  # as it stood before this step's update
+        with torch.no_grad():
+            teacher_map = inner_map(self.teacher.module[0].feature_map(views[0]).float())  # module[0]: the encoder
+        with torch.autocast(teacher_map.device.type, enabled=False):
+            with torch.no_grad():
+                self.track_distance(min_distance(teacher_map, words))
+                targets = bow_targets(soft_codes(teacher_map, words, self.knobs.inverse_delta / self.mean_min_distance))
+            loss = sum(
+                F.kl_div(F.log_softmax(self.head(f.float(), words), dim=1), targets, reduction="batchmean")
+                for f in crops
+            ) / len(crops)
+        self._sampled = sampled_local_features(teacher_map)
+        return loss, crops[0].detach().float()
+
+    @torch.no_grad()
+    def track_distance(self, batch_mean: torch.Tensor) -> None:
+        """mu <- m mu + (1 - m) x the batch's mean nearest-word distance, averaged over the workers."""
+        if self.training:
+            mean = all_reduce_sum(batch_mean.reshape(1))[0] / world_size()
+            self.mean_min_distance.lerp_(mean, 1 - self.knobs.distance_momentum)
+
+    @torch.no_grad()
+    def after_step(self, progress: TrainingProgress) -> None:
+        self.teacher.update(self.encoder, momentum=cosine_momentum(self.knobs.momentum, progress.fraction))
+        # Every worker queues every worker's features: one vocabulary, the same everywhere.
+        enqueue(self.vocabulary, self.vocabulary_end, all_gather(self._sampled))
