@@ -29,6 +29,7 @@ SMALL_KNOBS = {
     "obow": {"words": 256},
     "rotation": {"head_hidden_dim": 64},
     "inpainting": {"decoder_hidden_dim": 64},
+    "colorization": {"head_hidden_dim": 64},
     "counting": {"count_dim": 64, "head_hidden_dim": 64},
     "exemplar": {"embedding_dim": 32},
     "supervised": {},

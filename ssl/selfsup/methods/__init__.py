@@ -26,6 +26,7 @@ from selfsup.config import MethodConfig, TrainConfig, ViewConfig
 from selfsup.data.views import ViewSpec
 from selfsup.methods.barlow_twins import BarlowTwins
 from selfsup.methods.byol import BYOL
+from selfsup.methods.colorization import Colorization
 from selfsup.methods.common import TrainingProgress
 from selfsup.methods.counting import Counting
 from selfsup.methods.dino import DINO
@@ -52,6 +53,7 @@ METHODS: dict[str, type[nn.Module]] = {
         OBoW,
         Rotation,
         Inpainting,
+        Colorization,
         Counting,
         Exemplar,
         Supervised,
