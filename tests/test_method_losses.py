@@ -48,6 +48,8 @@ SMALL_KNOBS = {
     "dino": {"projection_hidden_dim": 16, "bottleneck_dim": 8, "output_dim": 12, "local_crops": 2},
     "obow": {"words": 12, "local_crops": 2},
     "rotation": {"head_hidden_dim": 16},
+    "jigsaw": {"permutations": 10, "tile_dim": 8, "head_hidden_dim": 16},
+    "relative_location": {"head_hidden_dim": 16},
     "inpainting": {"decoder_hidden_dim": 16},
     "colorization": {"head_hidden_dim": 16},
     "counting": {"count_dim": 8, "head_hidden_dim": 16},
@@ -59,7 +61,11 @@ EMBEDDING_DIM = {
     for name, knobs in SMALL_KNOBS.items()
 }
 # The pretext tasks and the supervised reference watch the encoder's features (TinyEncoder.feature_dim).
-EMBEDDING_DIM.update(obow=8, rotation=8, inpainting=8, colorization=8, counting=8, supervised=8)
+EMBEDDING_DIM.update(
+    {name: 8 for name in ("obow", "rotation", "jigsaw", "relative_location", "inpainting", "colorization")},
+    counting=8,
+    supervised=8,
+)
 IMAGE_SIZE = 16
 
 
@@ -627,7 +633,9 @@ def test_small_knobs_cover_every_method() -> None:
 def test_each_method_runs_forward_and_backward_on_its_declared_views(name: str) -> None:
     method = build(name)
     views = declared_views(name, n=4)
-    one_view = ("rotation", "inpainting", "colorization", "counting", "exemplar", "supervised")  # each transforms a single view itself
+    # each transforms a single view itself
+    one_view = ("rotation", "jigsaw", "relative_location", "inpainting", "colorization", "counting", "exemplar")
+    one_view += ("supervised",)
     local_crops = SMALL_KNOBS[name].get("local_crops", 0)
     expected = 1 if name in one_view else 3 + local_crops if name == "obow" else 2 + local_crops  # OBoW: + teacher
     assert len(views) == expected

@@ -28,6 +28,8 @@ SMALL_KNOBS = {
     "dino": {"projection_hidden_dim": 64, "bottleneck_dim": 32, "output_dim": 256, "local_crops": 2},
     "obow": {"words": 256},
     "rotation": {"head_hidden_dim": 64},
+    "jigsaw": {"tile_dim": 64, "head_hidden_dim": 64},
+    "relative_location": {"head_hidden_dim": 64},
     "inpainting": {"decoder_hidden_dim": 64},
     "colorization": {"head_hidden_dim": 64},
     "counting": {"count_dim": 64, "head_hidden_dim": 64},

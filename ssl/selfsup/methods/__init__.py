@@ -32,8 +32,10 @@ from selfsup.methods.counting import Counting
 from selfsup.methods.dino import DINO
 from selfsup.methods.exemplar import Exemplar
 from selfsup.methods.inpainting import Inpainting
+from selfsup.methods.jigsaw import Jigsaw
 from selfsup.methods.moco import MoCo
 from selfsup.methods.obow import OBoW
+from selfsup.methods.relative_location import RelativeLocation
 from selfsup.methods.rotation import Rotation
 from selfsup.methods.simclr import SimCLR, nt_xent_loss
 from selfsup.methods.simsiam import SimSiam
@@ -52,6 +54,8 @@ METHODS: dict[str, type[nn.Module]] = {
         DINO,
         OBoW,
         Rotation,
+        Jigsaw,
+        RelativeLocation,
         Inpainting,
         Colorization,
         Counting,
