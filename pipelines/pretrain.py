@@ -67,7 +67,7 @@ def main() -> None:
         state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor, labels)
         wall = time.perf_counter() - started
 
-        method = build_model(spec)
+        method = build_model(spec, num_images=len(train.images))
         method.load_state_dict(state["method"])
         save_encoder(method.encoder, ENCODER, manifest.image_size)
         history = state["history"]
