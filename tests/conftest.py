@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -102,6 +104,30 @@ def tiny_repo(tmp_path_factory, shared_ray_address) -> tuple[Path, dict[str, str
     repo = copy_repo(tmp / "repo")
     update_params(repo, TINY_PARAMS)
     return repo, {**stage_env(tmp, repo), "RAY_ADDRESS": shared_ray_address}
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """A `dvc repro` of a private copy of the repo: where, with which env, what it printed and the metrics it
+    wrote, read at once (a later experiment in that copy rewrites the workspace's)."""
+
+    repo: Path
+    env: dict[str, str]
+    output: str
+    metrics: dict[str, dict]
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory, shared_ray_address) -> PipelineRun:
+    """The shipped params, `dvc repro` once (about 2 minutes on 2 cores): test_default_pipeline checks what
+    pretraining buys, test_pipeline the stages, the pictures, the registry and an experiment on top."""
+    tmp = tmp_path_factory.mktemp("default")
+    repo = copy_repo(tmp / "repo")
+    env = {**stage_env(tmp, repo), "RAY_ADDRESS": shared_ray_address}
+    result = run(["dvc", "repro"], repo, env, timeout=900)
+    assert result.returncode == 0, result.output
+    metrics = {path.stem: json.loads(path.read_text()) for path in (repo / "metrics").glob("*.json")}
+    return PipelineRun(repo, env, result.output, metrics)
 
 
 def free_port() -> int:

@@ -12,53 +12,41 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import copy_repo, run, stage_env
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def default_repo(tmp_path_factory, shared_ray_address):
-    tmp = tmp_path_factory.mktemp("default")
-    repo = copy_repo(tmp / "repo")
-    env = {**stage_env(tmp, repo), "RAY_ADDRESS": shared_ray_address}
-    result = run(["dvc", "repro"], repo, env, timeout=900)
-    assert result.returncode == 0, result.output
-    return repo
+def metrics(run, protocol: str) -> dict:
+    return run.metrics[f"eval_{protocol}"]
 
 
-def metrics(repo, protocol: str) -> dict:
-    return json.loads((repo / "metrics" / f"eval_{protocol}.json").read_text())
-
-
-def test_the_pretrained_encoder_beats_random_init_on_every_protocol(default_repo):
-    knn = metrics(default_repo, "knn")
+def test_the_pretrained_encoder_beats_random_init_on_every_protocol(default_run):
+    knn = metrics(default_run, "knn")
     for split in ("val", "test"):
         for k, scores in knn[split].items():
             assert scores["top1"] > scores["baseline_top1"], (split, k, scores)
-    linear = metrics(default_repo, "linear")  # on test: val's 143 images put both probes within one image
+    linear = metrics(default_run, "linear")  # on test: val's 143 images put both probes within one image
     assert linear["test"]["top1"]["mean"] > linear["test"]["baseline_top1"]["mean"], linear["test"]
-    semisup = metrics(default_repo, "semisup")
+    semisup = metrics(default_run, "semisup")
     assert semisup.keys() == {"1pct", "10pct", "100pct"}
     for fraction, scores in semisup.items():
         assert scores["test"]["top1"]["mean"] > scores["test"]["baseline_top1"]["mean"], (fraction, scores)
-    transfer = metrics(default_repo, "transfer")
+    transfer = metrics(default_run, "transfer")
     assert transfer["linear"]["top1"]["mean"] > transfer["linear"]["baseline_top1"]["mean"], transfer["linear"]
     for k, scores in transfer["knn"].items():
         assert scores["top1"] > scores["baseline_top1"], (k, scores)
 
 
-def test_more_labels_do_better(default_repo):
-    semisup = metrics(default_repo, "semisup")
+def test_more_labels_do_better(default_run):
+    semisup = metrics(default_run, "semisup")
     for encoder in ("top1", "baseline_top1"):
         assert semisup["10pct"]["test"][encoder]["mean"] > semisup["1pct"]["test"][encoder]["mean"], encoder
     assert semisup["1pct"]["images"] < semisup["10pct"]["images"] < semisup["100pct"]["images"]
 
 
-def test_the_label_subsets_are_training_images_only(default_repo):
+def test_the_label_subsets_are_training_images_only(default_run):
     """Drawn from the training split (never val or test): indices into train.npz, one class-balanced set each."""
-    subsets = json.loads((default_repo / "data" / "label_subsets.json").read_text())["subsets"]
-    labels = np.load(default_repo / "data" / "prepared" / "train.npz")["labels"]
+    subsets = json.loads((default_run.repo / "data" / "label_subsets.json").read_text())["subsets"]
+    labels = np.load(default_run.repo / "data" / "prepared" / "train.npz")["labels"]
     assert [len(indices) for indices in subsets.values()] == [10, 129, len(labels)]
     for indices in subsets.values():
         assert len(set(indices)) == len(indices) and max(indices) < len(labels)

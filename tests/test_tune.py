@@ -72,16 +72,22 @@ def mlflow_runs(repo: Path):
     return client, parents, children
 
 
-def test_a_sweep_is_a_dvc_stage_run_when_asked(sweep_repo):
+def test_a_sweep_is_a_dvc_stage_run_when_asked_where_asha_stops_poor_trials_early(sweep_repo):
     """`dvc repro sweeps/dvc.yaml` runs it (a plain `dvc repro` runs the ten stages of ./dvc.yaml only, as
-    test_pipeline.py checks)."""
+    test_pipeline.py checks). One trial at a time, so ASHA has earlier trials to compare each one with."""
     repo, env = sweep_repo
+    asha = {"grace_period": 1, "reduction_factor": 2}
+    update_params(repo, {"tune": {"epochs": 4, "max_concurrent_trials": 1, "asha": asha}})
     result = run(["dvc", "repro", "sweeps/dvc.yaml"], repo, env)
     assert result.returncode == 0, result.output
     assert "Running stage 'sweeps/dvc.yaml:tune'" in result.output
 
     rows = trials(repo)
     assert len(rows) == 4 and {row["status"] for row in rows} <= {"completed", "stopped early"}
+    stopped = [row for row in rows if row["status"] == "stopped early"]
+    assert stopped and all(int(row["epochs"]) < 4 for row in stopped), rows
+    assert any(row["status"] == "completed" and int(row["epochs"]) == 4 for row in rows)
+    assert json.loads((repo / "sweeps" / "best.json").read_text())["stopped_early"] == len(stopped)
     scores = [float(row["monitor_knn_top1"]) for row in rows]
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)  # best first
     best = yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())
@@ -107,21 +113,6 @@ def test_a_sweep_is_a_dvc_stage_run_when_asked(sweep_repo):
         epochs = [m.step for m in client.get_metric_history(child.info.run_id, "monitor_knn_top1")]
         assert epochs == list(range(1, len(epochs) + 1)) and epochs, epochs  # one point per monitored epoch
     assert parents[0].data.metrics["best_monitor_knn_top1"] == pytest.approx(scores[0])
-
-
-def test_asha_stops_poor_trials_early(sweep_repo):
-    repo, env = sweep_repo
-    update_params(
-        repo,
-        {"tune": {"epochs": 4, "max_concurrent_trials": 1, "asha": {"grace_period": 1, "reduction_factor": 2}}},
-    )
-    result = run(["python", "-m", "pipelines.tune"], repo, env)
-    assert result.returncode == 0, result.output
-    rows = trials(repo)
-    stopped = [row for row in rows if row["status"] == "stopped early"]
-    assert stopped and all(int(row["epochs"]) < 4 for row in stopped), rows
-    assert any(row["status"] == "completed" and int(row["epochs"]) == 4 for row in rows)
-    assert json.loads((repo / "sweeps" / "best.json").read_text())["stopped_early"] == len(stopped)
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_repo):
