@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from selfsup.config import ModelConfig
+from selfsup.data.lab import lab_to_rgb, lightness_image, rgb_to_lab
 from selfsup.methods.colorization import (
     Colorization,
     candidate_table,
     cell_histograms,
     cell_mean_ab,
     gamut_bins,
-    lab_to_rgb,
-    lightness_image,
     pixel_cells,
-    rgb_to_lab,
     soft_encode,
 )
 from selfsup.models import Encoder
