@@ -97,6 +97,15 @@ def shared_ray_address(tmp_path_factory) -> Iterator[str]:
         yield address
 
 
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory) -> Iterator[str]:
+    """A head and a worker node of one CPU each, on loopback: test_ray_cluster's pretraining and test_tune's
+    trials share it (each start of a cluster costs about 15 s). Its workers import this working tree."""
+    env = stage_env(tmp_path_factory.mktemp("two-node-ray"), ROOT)
+    with ray_cluster(env, node_cpus=[1, 1]) as address:
+        yield address
+
+
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory, shared_ray_address) -> tuple[Path, dict[str, str]]:
     """A private copy of the repo with tiny params, and the env to run its stages in (on the shared cluster)."""

@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ray_cluster, run, update_params
+from tests.conftest import run, update_params
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def two_node_cluster(tiny_repo):
-    with ray_cluster(tiny_repo[1], node_cpus=[1, 1]) as address:
-        yield address
 
 
 def test_pretrain_spans_both_nodes_through_ray_address(tiny_repo, two_node_cluster):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, ray_cluster, run, stage_env, update_params
+from tests.conftest import copy_repo, run, stage_env, update_params
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_repo):
     assert len([c for c in children if c.data.tags["mlflow.parentRunId"] == ours[0].info.run_id]) == 4
 
 
-def test_trials_spread_over_the_nodes_of_a_cluster_into_storage_given_as_a_uri(sweep_repo, tmp_path):
+def test_trials_spread_over_the_nodes_of_a_cluster_into_storage_given_as_a_uri(sweep_repo, two_node_cluster, tmp_path):
     """On a cluster the sweep's state goes where every node sees it: here a file:// URI, as s3:// would be."""
     repo, env = sweep_repo
     shared = tmp_path / "shared"
@@ -168,8 +168,7 @@ def test_trials_spread_over_the_nodes_of_a_cluster_into_storage_given_as_a_uri(s
         "storage_path": shared.as_uri(),
     }
     update_params(repo, {"tune": tune})
-    with ray_cluster(env, node_cpus=[1, 1]) as address:  # a head and a worker node, one CPU each, on loopback
-        result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": address})
+    result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": two_node_cluster})
     assert result.returncode == 0, result.output
     nodes = {reports[-1]["node_id"] for reports in trial_results(repo, "cluster", shared).values()}
     assert len(nodes) == 2, nodes
