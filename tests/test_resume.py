@@ -5,6 +5,7 @@ resumes. (A killed driver leaves the same checkpoint behind: the next run's resu
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import run, update_params
 
 pytestmark = pytest.mark.slow
+RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")  # a log line Ray forwards from an actor
 
 
 def _ray_train_workers() -> list[psutil.Process]:
@@ -66,7 +68,10 @@ def test_when_restarts_run_out_one_line_names_the_kept_checkpoint(tiny_repo):
     last = ours[0]
     assert last.startswith("error: a Ray Train worker failed 1 time(s), past scaling.max_failures=0"), errors
     assert "the latest checkpoint is kept in " in last and "`dvc repro` resumes from it" in last
-    assert "Traceback" not in errors
+    # Ray forwards its own actors' logs, prefixed "(ActorName pid=N)": once, its PlacementGroupCleaner printed a
+    # teardown traceback there, after our line. What the stage itself prints has none.
+    own = [line for line in errors.splitlines() if not RAY_FORWARDED.match(line)]
+    assert not any("Traceback" in line for line in own), errors
     # The next run resumes from the kept checkpoint and ends with the whole history.
     resumed = run(["python", "-m", "pipelines.pretrain"], repo, env)
     assert resumed.returncode == 0 and "resuming from the checkpoint of epoch" in resumed.output, resumed.output
