@@ -182,6 +182,17 @@ def _stop_ray_cluster(temp_dir: str, port: int) -> None:
         process.kill()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: threads only add overhead on the 2 shared cores. Restored after, for the other tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def method_inputs(name: str, count: int, num_classes: int = 10) -> dict:
     """What the loop passes a method besides its views, for a batch of `count` images: the labels to a method
     that trains on them (the supervised reference), the images' indices to Exemplar-CNN; else nothing."""

@@ -22,14 +22,7 @@ from selfsup.methods.colorization import (
 from selfsup.models import Encoder
 from tests.test_method_losses import TinyEncoder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: threads only add overhead on the 2 shared cores. Restored after, for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 
 def colours(*rgb: tuple[float, float, float]) -> torch.Tensor:

@@ -27,14 +27,7 @@ from selfsup.methods.swav import sinkhorn, swapped_prediction_loss
 from selfsup.models.ema import EMATeacher, cosine_momentum
 from tests.conftest import TEST_IMAGES, method_inputs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add overhead on the 2 shared cores. Restored after, for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 
 # Heads a few units wide: every test here runs in well under a second.

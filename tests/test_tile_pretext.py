@@ -17,14 +17,7 @@ from selfsup.methods.tiles import CELLS, Grid, cut_tiles, grid_for, jittered_til
 from selfsup.models import Encoder
 from tests.test_method_losses import TinyEncoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: a second thread only adds overhead on the 2 shared cores. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 
 SMALL = {  # heads a few units wide, 10 permutations: each test well under a second
