@@ -16,6 +16,7 @@ from selfsup.methods.obow import (
     min_distance,
     sampled_local_features,
     soft_codes,
+    squared_distances,
 )
 from tests.test_method_losses import TinyEncoder
 
@@ -30,13 +31,13 @@ def obow(**knobs):
 
 def test_bow_targets_are_distributions_over_the_words_and_hard_codes_pick_the_nearest_word():
     features, words = torch.rand(3, 4, 5, 5), torch.rand(7, 4)
-    codes = soft_codes(features, words, torch.tensor(10.0))
+    codes = soft_codes(squared_distances(features, words), torch.tensor(10.0))
     assert codes.shape == (3, 7, 5, 5) and (codes >= 0).all()
     assert torch.allclose(codes.sum(1), torch.ones(3, 5, 5))
     targets = bow_targets(codes)
     assert targets.shape == (3, 7) and (targets >= 0).all() and torch.allclose(targets.sum(1), torch.ones(3))
     # At a very low temperature each location's code is one-hot on its nearest word, found here by brute force.
-    sharp = soft_codes(features, words, torch.tensor(1e6))
+    sharp = soft_codes(squared_distances(features, words), torch.tensor(1e6))
     local = features.flatten(2).transpose(1, 2)  # 3 x 25 x 4
     nearest = ((local.unsqueeze(2) - words) ** 2).sum(3).argmin(2)  # 3 x 25
     assert torch.equal(sharp.flatten(2).argmax(1), nearest)
@@ -47,7 +48,7 @@ def test_bow_targets_are_distributions_over_the_words_and_hard_codes_pick_the_ne
         present = nearest[image].unique()
         assert torch.allclose(held[image, present], torch.full((len(present),), 1 / len(present)), atol=1e-3)
     expected = ((local.unsqueeze(2) - words) ** 2).sum(3).amin(2).mean()
-    assert torch.allclose(min_distance(features, words), expected, atol=1e-5)
+    assert torch.allclose(min_distance(squared_distances(features, words)), expected, atol=1e-5)
 
 
 def test_the_border_is_dropped_from_maps_big_enough_and_samples_are_local_averages_of_their_own_image():

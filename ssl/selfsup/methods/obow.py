@@ -33,11 +33,16 @@ from selfsup.methods.common import TrainingProgress, enqueue, forward_by_size, w
 from selfsup.models.ema import EMATeacher, cosine_momentum
 
 
-def soft_codes(features: torch.Tensor, words: torch.Tensor, inverse_delta: torch.Tensor) -> torch.Tensor:
-    """N x C x h x w local features -> N x K x h x w soft assignments to the K x C words (each sums to 1)."""
-    local = features.flatten(2).transpose(1, 2)  # N x hw x C
-    squared = (local.pow(2).sum(2, keepdim=True) + words.pow(2).sum(1) - 2 * local @ words.T).clamp(min=0)
-    return F.softmax(-inverse_delta * squared, dim=2).transpose(1, 2).unflatten(2, features.shape[2:])
+def squared_distances(features: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """N x C x h x w local features, K x C words -> N x h x w x K squared distances, computed once a step for
+    both the codes and mu."""
+    local = features.permute(0, 2, 3, 1)  # N x h x w x C
+    return (local.pow(2).sum(3, keepdim=True) + words.pow(2).sum(1) - 2 * local @ words.T).clamp(min=0)
+
+
+def soft_codes(squared: torch.Tensor, inverse_delta: torch.Tensor) -> torch.Tensor:
+    """N x h x w x K squared distances -> N x K x h x w soft assignments to the words (each sums to 1)."""
+    return F.softmax(-inverse_delta * squared, dim=3).permute(0, 3, 1, 2)
 
 
 def bow_targets(codes: torch.Tensor) -> torch.Tensor:
@@ -45,10 +50,9 @@ def bow_targets(codes: torch.Tensor) -> torch.Tensor:
     return F.normalize(codes.amax(dim=(2, 3)), p=1, dim=1)
 
 
-def min_distance(features: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+def min_distance(squared: torch.Tensor) -> torch.Tensor:
     """The mean over local features of the squared distance to the nearest word (what mu follows)."""
-    local = features.flatten(2).transpose(1, 2).flatten(0, 1)
-    return torch.cdist(local, words).pow(2).amin(1).mean()
+    return squared.amin(3).mean()
 
 
 def inner_map(features: torch.Tensor) -> torch.Tensor:
@@ -137,8 +141,9 @@ class OBoW(nn.Module):
             teacher_map = inner_map(self.teacher.module[0].feature_map(views[0]).float())  # module[0]: the encoder
         with torch.autocast(teacher_map.device.type, enabled=False):
             with torch.no_grad():
-                self.track_distance(min_distance(teacher_map, words))
-                targets = bow_targets(soft_codes(teacher_map, words, self.knobs.inverse_delta / self.mean_min_distance))
+                squared = squared_distances(teacher_map, words)
+                self.track_distance(min_distance(squared))
+                targets = bow_targets(soft_codes(squared, self.knobs.inverse_delta / self.mean_min_distance))
             loss = sum(
                 F.kl_div(F.log_softmax(self.head(f.float(), words), dim=1), targets, reduction="batchmean")
                 for f in crops
