@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from selfsup.config import ViewConfig
 from selfsup.data.views import ViewSpec
@@ -34,6 +35,16 @@ class TrainingProgress:
 def one_view(knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:
     """One augmented view, which the method transforms itself (the pretext tasks) or labels (supervised)."""
     return [ViewSpec(views)]
+
+
+def labelled_cross_entropy(
+    head: nn.Module, features: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy of the head's scores against the labels, in float32 even under bf16 autocast: the pretext
+    tasks' classifiers (their labels from the transform) and the supervised reference's."""
+    logits = head(features).float()
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
 def two_views(knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:

@@ -26,11 +26,11 @@ import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from selfsup.distributed import randint_per_image
+from selfsup.methods.common import labelled_cross_entropy
 from selfsup.methods.tiles import CELLS, TileKnobs, TileSide, grayed_view, jittered_tiles, resized, whole_image_features
 from selfsup.models.heads import mlp
 
@@ -96,7 +96,5 @@ class Jigsaw(nn.Module):
         labels = randint_per_image(len(self.permutations), len(images), images.device)
         tiles = shuffled(jittered_tiles(images, self.knobs.tile_fraction), self.permutations[labels])
         features = self.encoder(resized(tiles.flatten(0, 1), self.knobs.tile_size))  # all 9N tiles, one pass
-        logits = self.head(self.tile_head(features).view(len(images), -1)).float()
-        with torch.autocast(logits.device.type, enabled=False):
-            loss = F.cross_entropy(logits, labels)
+        loss = labelled_cross_entropy(self.head, self.tile_head(features).view(len(images), -1), labels)
         return loss, whole_image_features(self.encoder, images)

@@ -25,11 +25,11 @@ own side. On the digits' val split (80 epochs, lr 0.03) 8 px beat tiles upsample
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from selfsup.distributed import randint_per_image
+from selfsup.methods.common import labelled_cross_entropy
 from selfsup.methods.tiles import TileKnobs, TileSide, grayed_view, jittered_tiles, resized, whole_image_features
 from selfsup.models.heads import mlp
 
@@ -68,7 +68,5 @@ class RelativeLocation(nn.Module):
         labels = randint_per_image(len(NEIGHBOURS), len(images), images.device)
         centre, neighbour = centre_and_neighbour(jittered_tiles(images, self.knobs.tile_fraction), labels)
         features = self.encoder(resized(torch.cat([centre, neighbour]), self.knobs.tile_size))  # one pass
-        logits = self.head(torch.cat(features.chunk(2), dim=1)).float()
-        with torch.autocast(logits.device.type, enabled=False):
-            loss = F.cross_entropy(logits, labels)
+        loss = labelled_cross_entropy(self.head, torch.cat(features.chunk(2), dim=1), labels)
         return loss, whole_image_features(self.encoder, images)

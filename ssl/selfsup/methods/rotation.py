@@ -10,12 +10,11 @@ adaptation.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from selfsup.config import MethodKnobs
-from selfsup.methods.common import one_view
+from selfsup.methods.common import labelled_cross_entropy, one_view
 from selfsup.models.heads import mlp
 
 ROTATIONS = 4  # 0, 90, 180 and 270 degrees
@@ -59,7 +58,5 @@ class Rotation(nn.Module):
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, turns = rotated(views[0], self.knobs.all_rotations)
         features = self.encoder(images)
-        logits = self.head(features).float()
-        with torch.autocast(logits.device.type, enabled=False):
-            loss = F.cross_entropy(logits, turns)
+        loss = labelled_cross_entropy(self.head, features, turns)
         return loss, features[: views[0].shape[0]].detach().float()

@@ -8,21 +8,11 @@ number beside random init and the self-supervised ones. `LabelledLoss` adds the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from selfsup.config import MethodKnobs
-from selfsup.methods.common import one_view
-
-
-def labelled_cross_entropy(
-    head: nn.Module, features: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Cross-entropy of the head's scores, in float32 even under bf16 autocast."""
-    logits = head(features).float()
-    with torch.autocast(logits.device.type, enabled=False):
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+from selfsup.methods.common import labelled_cross_entropy, one_view
 
 
 class Supervised(nn.Module):
