@@ -3,12 +3,19 @@ of its four tiles' counts; another image's count must differ by at least a margi
 
 A pretext task: phi = ReLU(head(encoder(.))) is the count vector; D halves the image's side (2x2 average
 pooling) and T_1..T_4 are its quadrants, so all five inputs share one side and one encoder pass. The loss,
-per image x with another image y of the batch (the next one, across every worker):
+per image x with another image y of the batch (the next one, across every worker), per count dimension d:
 
-    ||phi(D x) - sum_j phi(T_j x)||^2 + max(0, M - ||phi(D y) - sum_j phi(T_j x)||^2)
+    mean over x and d of  (phi_d(D x) - sum_j phi_d(T_j x))^2 + max(0, M - (phi_d(D y) - sum_j phi_d(T_j x))^2)
+
+The paper writes both terms with the squared norm over all dimensions. Taken that way (M = 10 over 1000
+counts) the counts died at zero within the first epoch on the digits: the loss sat at exactly M, where the
+hinge has no gradient, and the encoder was squeezed to kNN 64.6%. The hinge per dimension, as the public
+reimplementation (clvrai/Representation-Learning-by-Learning-to-Count) has it, keeps every count apart:
+kNN 86.6% at M = 1 (77.7% at M = 10, 20 epochs).
 
 Adapted to small images: the paper's 114 px tiles of 228 px images become 8 px of 16 px (16 of 32), and
-its 1000 counts on AlexNet `count_dim` (default 1000) on our backbones.
+its 1000 counts on AlexNet `count_dim` (default 1000) on our backbones. Feeding the encoder its evaluation
+resolution instead (the image whole, the tiles upsampled) cost twice the compute and did no better.
 """
 
 from __future__ import annotations
@@ -32,10 +39,8 @@ def downsampled_and_tiles(images: torch.Tensor) -> tuple[torch.Tensor, list[torc
 
 
 def counting_loss(whole: torch.Tensor, tiles_sum: torch.Tensor, other: torch.Tensor, margin: float) -> torch.Tensor:
-    """Mean over images of ||whole - tiles_sum||^2 + max(0, margin - ||other - tiles_sum||^2)."""
-    same = (whole - tiles_sum).pow(2).sum(1)
-    different = (other - tiles_sum).pow(2).sum(1)
-    return (same + F.relu(margin - different)).mean()
+    """Mean over images and count dimensions of (whole - tiles_sum)^2 + max(0, margin - (other - tiles_sum)^2)."""
+    return ((whole - tiles_sum).pow(2) + F.relu(margin - (other - tiles_sum).pow(2))).mean()
 
 
 class Counting(nn.Module):
@@ -48,7 +53,7 @@ class Counting(nn.Module):
     class Knobs(MethodKnobs):
         count_dim: int = Field(default=1000, ge=1)
         head_hidden_dim: int = Field(default=1024, ge=1)
-        margin: float = Field(default=10.0, gt=0)  # M, the paper's
+        margin: float = Field(default=1.0, gt=0)  # M, per count dimension (the paper's 10 is over the norm)
 
     views = staticmethod(one_view)
 
