@@ -168,8 +168,9 @@ def test_second_repro_runs_nothing(pipeline_repo):
 
 def test_an_experiment_switching_the_method_reruns_pretrain_and_what_follows_only(pipeline_repo):
     """`dvc exp run` with a changed pretrain param (here the method itself: Exemplar-CNN, which the stage hands
-    its images' indices, a class per training image) re-runs pretrain and every stage after it, and only those:
-    the data, the transfer target and the label subsets stay. Its MLflow run carries the experiment's name."""
+    its images' indices, a class per training image, plus the auxiliary labelled loss, for which it hands the
+    labels too) re-runs pretrain and every stage after it, and only those: the data, the transfer target and the
+    label subsets stay. Its MLflow run carries the experiment's name."""
     repo, env = pipeline_repo
     first = read_json(repo / "models" / "registration.json")
     subsets = (repo / "data" / "label_subsets.json").read_text()
@@ -177,6 +178,7 @@ def test_an_experiment_switching_the_method_reruns_pretrain_and_what_follows_onl
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "simclr"], repo, env)
     knobs = [f"method.exemplar.{key}={value}" for key, value in SMALL_KNOBS["exemplar"].items()]
     command = ["dvc", "exp", "run", "--name", "exemplar-small", "-S", "method.name=exemplar", *TINY_OVERRIDES]
+    command += ["-S", "train.label_loss_weight=0.5"]  # without the labels the stage would stop with a ConfigError
     result = run([*command, *(arg for knob in knobs for arg in ("-S", knob))], repo, env)
     assert result.returncode == 0, result.output
     assert sorted(ran_stages(result.output)) == sorted(STAGES[3:])
@@ -197,6 +199,7 @@ def test_an_experiment_switching_the_method_reruns_pretrain_and_what_follows_onl
     experiment_run = client.get_run(client.get_model_version(second["name"], "2").run_id)
     assert experiment_run.data.tags["dvc_experiment"] == "exemplar-small"
     assert experiment_run.data.params["method.name"] == "exemplar"
+    assert experiment_run.data.params["train.label_loss_weight"] == "0.5"
 
     diff = run(["dvc", "metrics", "diff", "HEAD", "--json"], repo, env)
     assert diff.returncode == 0, diff.output
