@@ -5,7 +5,7 @@ temporary folder, applies the overrides (`--set key=value`, repeatable) to its p
 `dvc exp run eval_knn eval_linear -S method.name=NAME` there for each method, one after the other, as a
 user would. Prints a Markdown table (the README's) and writes the figures as JSON.
 
-    python benchmarks/method_table.py                                   # the embedded digits, ~20 min on 2 cores
+    python benchmarks/method_table.py               # the embedded digits, all 16 methods, ~45 min on 2 cores
     python benchmarks/method_table.py --methods simclr moco --set train.epochs=5
 
 With --require-beats-random-init it exits 1, naming them, when any method fails to beat its random-init
