@@ -27,6 +27,7 @@ from pipelines.common import (
 )
 from selfsup.data.arrays import Manifest, file_sha256, load_split
 from selfsup.errors import ConfigError
+from selfsup.methods import check_data
 from selfsup.models import save_encoder
 from selfsup.train.loop import PretrainSpec, build_model
 from selfsup.train.monitor import KnnMonitor
@@ -41,6 +42,8 @@ def main() -> None:
             f"params.yaml: train.batch_size={params.train.batch_size} exceeds the {train_count} training "
             f"images of {manifest.source}; allowed: at most {train_count}"
         )
+    train = load_split(PREPARED, "train")
+    check_data(params.method, train.images, manifest.source)  # a method the data cannot teach: before Ray starts
     spec = PretrainSpec.from_params(params, manifest)
     identity = json.dumps([repr(spec), repr(params.scaling), manifest.sha256, _library_sha256()])
     run_name = f"{params.method.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
@@ -51,7 +54,7 @@ def main() -> None:
     from selfsup.tracking import ENCODER_TAG, log_history, pretrain_run  # fails fast on an unreachable MLflow server
     from selfsup.train.ray_trainer import pretrain_with_ray  # Ray imports only once params are good
 
-    train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
+    val = load_split(PREPARED, "val")
     monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k)
     device = "cuda" if params.scaling.use_gpu else "cpu"
     tracked = params.model_dump(mode="json", include={"data", "model", "method", "views", "train", "scaling"})

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from selfsup.config import ModelConfig
+from selfsup.config import MethodConfig, ModelConfig
 from selfsup.data.lab import lab_to_rgb, lightness_image, rgb_to_lab
+from selfsup.errors import ConfigError
+from selfsup.methods import check_data
 from selfsup.methods.colorization import (
     Colorization,
     candidate_table,
@@ -169,3 +172,14 @@ def test_bf16_autocast_gives_a_float32_loss_also_on_views_smaller_than_the_image
     assert value.dtype == torch.float32 and value.ndim == 0 and torch.isfinite(value)
     assert embeddings.dtype == torch.float32 and embeddings.shape == (4, 8)
     value.backward()
+
+
+def test_only_a_method_that_needs_colour_refuses_gray_images_and_one_coloured_pixel_is_colour():
+    gray = np.repeat(np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8), 3, axis=-1)
+    with pytest.raises(ConfigError, match=r"method.name=colorization .* every training image of digits is gray"):
+        check_data(MethodConfig(name="colorization"), gray, "digits")
+    for method in ("rotation", "simclr", "inpainting"):
+        check_data(MethodConfig(name=method), gray, "digits")
+    coloured = gray.copy()
+    coloured[3, 5, 2, 1] ^= 1  # G differs from R and B in one pixel of one image
+    check_data(MethodConfig(name="colorization"), coloured, "digits")

@@ -264,3 +264,19 @@ def test_bad_params_stop_the_stage_before_any_compute(pipeline_repo):
     assert result.stderr.strip().splitlines() == [
         f"error: params.yaml: method.name='simclrr' is invalid: unknown method; allowed: {', '.join(METHODS)}"
     ]
+
+
+def test_colorization_on_gray_images_stops_the_stage_before_ray_starts(pipeline_repo):
+    """The embedded digits are gray: colorization's target would be constant, so the stage refuses them."""
+    repo, env = pipeline_repo
+    before = (repo / "params.yaml").read_text()
+    update_params(repo, {"method": {"name": "colorization"}})
+    try:
+        result = run(["python", "-m", "pipelines.pretrain"], repo, env, timeout=60)
+    finally:
+        (repo / "params.yaml").write_text(before)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: params.yaml: method.name=colorization predicts colour from lightness, but every")
+    assert "of digits is gray (R = G = B)" in line and "pick a colour dataset" in line
+    assert "Ray" not in result.output  # stopped before connecting to the cluster

@@ -13,6 +13,7 @@ and implements `forward(views) -> (loss, embeddings)`, the embeddings being what
 
     uses_labels                the supervised reference alone: forward(views, labels=...) gets the labels too
     uses_indices               Exemplar-CNN: forward(views, indices=...) gets the images' indices in the training set
+    needs_colour               colorization: its target is constant on gray images, which `check_data` refuses
     after_backward(progress)   between backward and the optimiser step (freezing: drop gradients)
     after_step(progress)       after the optimiser step (EMA teacher, queue, centre)
     fixed_lr_parameters()      parameters the learning-rate schedule leaves at the peak learning rate
@@ -20,10 +21,12 @@ and implements `forward(views) -> (loss, embeddings)`, the embeddings being what
 
 from __future__ import annotations
 
+import numpy as np
 from torch import nn
 
 from selfsup.config import MethodConfig, TrainConfig, ViewConfig
 from selfsup.data.views import ViewSpec
+from selfsup.errors import ConfigError
 from selfsup.methods.barlow_twins import BarlowTwins
 from selfsup.methods.byol import BYOL
 from selfsup.methods.colorization import Colorization
@@ -75,6 +78,21 @@ def uses_indices(config: MethodConfig) -> bool:
     return getattr(METHODS[config.name], "uses_indices", False)
 
 
+def check_data(config: MethodConfig, images: np.ndarray, source: str) -> None:
+    """Refuse, before any compute, training images the method can learn nothing from: gray ones (R = G = B in
+    every pixel of every image, uint8 N x H x W x 3) for a method that predicts colour."""
+    if getattr(METHODS[config.name], "needs_colour", False) and _all_gray(images):
+        raise ConfigError(
+            f"params.yaml: method.name={config.name} predicts colour from lightness, but every training image of "
+            f"{source} is gray (R = G = B), so its target is constant and it learns nothing; pick a colour "
+            "dataset (data.source: cifar10, cifar100, stl10 or imagefolder) or another method"
+        )
+
+
+def _all_gray(images: np.ndarray) -> bool:
+    return bool((images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all())
+
+
 def build_method(
     encoder: nn.Module,
     config: MethodConfig,
@@ -99,4 +117,13 @@ def method_views(config: MethodConfig, views: ViewConfig, image_size: int) -> li
     return METHODS[config.name].views(config.knobs, views, image_size)
 
 
-__all__ = ["METHODS", "TrainingProgress", "build_method", "method_views", "nt_xent_loss", "uses_indices", "uses_labels"]
+__all__ = [
+    "METHODS",
+    "TrainingProgress",
+    "build_method",
+    "check_data",
+    "method_views",
+    "nt_xent_loss",
+    "uses_indices",
+    "uses_labels",
+]

@@ -6,7 +6,8 @@ is the one trained. What that implies: trained on gray inputs only, the first la
 colour; the part of its weights only colour would excite keeps its random initial value (shrunk by weight
 decay). So at evaluation an RGB image gives its gray version's features plus what those untrained weights
 add; a gray image gives exactly what training saw. On a grayscale dataset (the embedded digits, which colour
-jitter keeps gray) ab is 0 everywhere: the target is constant and the task teaches the encoder nothing.
+jitter keeps gray) ab is 0 everywhere: the target is constant and the task teaches the encoder nothing, so the
+method declares `needs_colour` and the pretrain stage stops, before any compute, on a dataset of gray images.
 
 The paper predicts, per pixel, a distribution over Q = 313 in-gamut ab bins of grid size 10 from a conv net's
 feature map. Our encoder returns pooled features, so an MLP head predicts a coarse grid of cells instead
@@ -117,8 +118,10 @@ class Colorization(nn.Module):
     min_batch = 2  # BatchNorm in the head needs two images
     lr = 0.1  # per 256 images (SGD), as rotation's; the paper used Adam
 
-    # A constant target (gray images: the digits) teaches nothing, and can shrink the features towards a point.
-    advice = "lower train.lr; on grayscale images ab is 0 and the task teaches nothing: train on colour images"
+    advice = "lower train.lr"
+    # On gray images (the digits) ab is 0 everywhere: a constant target teaches nothing, and through the pipeline
+    # shrank the digits' features below random init (kNN 78.0% against 92.8%). The stage refuses such data.
+    needs_colour = True
 
     class Knobs(MethodKnobs):
         loss: Literal["classification", "regression"] = "classification"  # over ab bins (the paper's) | L2 on ab
