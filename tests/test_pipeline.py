@@ -252,14 +252,18 @@ def test_unreachable_mlflow_server_fails_fast_with_the_fix(pipeline_repo):
     assert (repo / "models" / "registration.json").exists()
 
 
-def test_bad_params_stop_the_stage_before_any_compute(pipeline_repo):
-    repo, env = pipeline_repo
+def _pretrain_stage_with(repo: Path, env: dict[str, str], params: dict):
+    """The pretrain stage run once with `params` merged into params.yaml, which is restored after."""
     before = (repo / "params.yaml").read_text()
-    update_params(repo, {"method": {"name": "simclrr"}})
+    update_params(repo, params)
     try:
-        result = run(["python", "-m", "pipelines.pretrain"], repo, env, timeout=60)
+        return run(["python", "-m", "pipelines.pretrain"], repo, env, timeout=60)
     finally:
         (repo / "params.yaml").write_text(before)
+
+
+def test_bad_params_stop_the_stage_before_any_compute(pipeline_repo):
+    result = _pretrain_stage_with(*pipeline_repo, {"method": {"name": "simclrr"}})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: params.yaml: method.name='simclrr' is invalid: unknown method; allowed: {', '.join(METHODS)}"
@@ -268,13 +272,7 @@ def test_bad_params_stop_the_stage_before_any_compute(pipeline_repo):
 
 def test_colorization_on_gray_images_stops_the_stage_before_ray_starts(pipeline_repo):
     """The embedded digits are gray: colorization's target would be constant, so the stage refuses them."""
-    repo, env = pipeline_repo
-    before = (repo / "params.yaml").read_text()
-    update_params(repo, {"method": {"name": "colorization"}})
-    try:
-        result = run(["python", "-m", "pipelines.pretrain"], repo, env, timeout=60)
-    finally:
-        (repo / "params.yaml").write_text(before)
+    result = _pretrain_stage_with(*pipeline_repo, {"method": {"name": "colorization"}})
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: params.yaml: method.name=colorization predicts colour from lightness, but every")
