@@ -18,6 +18,7 @@ from pathlib import Path
 from pipelines.common import PREPARED, ROOT, read_params, run_stage, write_json
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.errors import ConfigError
+from selfsup.methods import check_data
 from selfsup.sweep import (
     adopt_flags,
     check_search_space,
@@ -43,6 +44,9 @@ def main() -> None:
     params = read_params()
     config = params.tune
     check_search_space(params)  # before Ray starts and before any trial
+    manifest = Manifest.read(PREPARED)
+    train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
+    check_data(params.method, train.images, manifest.source)  # colorization on gray images: no trial can learn
     storage = config.storage_path or str(SWEEPS / "ray")
     storage = storage if "://" in storage else str(Path(storage).resolve())
 
@@ -57,8 +61,6 @@ def main() -> None:
     if not args.resume and "://" not in path and Path(path).exists():
         print(f"starting afresh in {path} (`--resume` continues the sweep there instead)")
         shutil.rmtree(path)
-    manifest = Manifest.read(PREPARED)
-    train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k)
     tracked = params.model_dump(mode="json", include={"model", "method", "views", "train", "tune"})
     parent = sweep_parent_run(params.mlflow, ROOT, path, tracked, args.resume)  # an unreachable server fails here
