@@ -115,6 +115,17 @@ def tiny_repo(tmp_path_factory, shared_ray_address) -> tuple[Path, dict[str, str
     return repo, {**stage_env(tmp, repo), "RAY_ADDRESS": shared_ray_address}
 
 
+@contextmanager
+def changed_params(repo: Path, params: dict) -> Iterator[None]:
+    """params.yaml with `params` merged in (update_params), restored as it was on leaving."""
+    before = (repo / "params.yaml").read_text()
+    update_params(repo, params)
+    try:
+        yield
+    finally:
+        (repo / "params.yaml").write_text(before)
+
+
 @dataclass(frozen=True)
 class PipelineRun:
     """A `dvc repro` of a private copy of the repo: where, with which env, what it printed and the metrics it

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from selfsup.methods import METHODS
-from tests.conftest import TINY_PARAMS, run, update_params
+from tests.conftest import TINY_PARAMS, changed_params, run
 from tests.test_methods_training import SMALL_KNOBS
 
 pytestmark = pytest.mark.slow
@@ -252,18 +252,10 @@ def test_unreachable_mlflow_server_fails_fast_with_the_fix(pipeline_repo):
     assert (repo / "models" / "registration.json").exists()
 
 
-def _pretrain_stage_with(repo: Path, env: dict[str, str], params: dict):
-    """The pretrain stage run once with `params` merged into params.yaml, which is restored after."""
-    before = (repo / "params.yaml").read_text()
-    update_params(repo, params)
-    try:
-        return run(["python", "-m", "pipelines.pretrain"], repo, env, timeout=60)
-    finally:
-        (repo / "params.yaml").write_text(before)
-
-
 def test_bad_params_stop_the_stage_before_any_compute(pipeline_repo):
-    result = _pretrain_stage_with(*pipeline_repo, {"method": {"name": "simclrr"}})
+    repo, env = pipeline_repo
+    with changed_params(repo, {"method": {"name": "simclrr"}}):
+        result = run(["python", "-m", "pipelines.pretrain"], repo, env, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: params.yaml: method.name='simclrr' is invalid: unknown method; allowed: {', '.join(METHODS)}"
@@ -272,7 +264,9 @@ def test_bad_params_stop_the_stage_before_any_compute(pipeline_repo):
 
 def test_colorization_on_gray_images_stops_the_stage_before_ray_starts(pipeline_repo):
     """The embedded digits are gray: colorization's target would be constant, so the stage refuses them."""
-    result = _pretrain_stage_with(*pipeline_repo, {"method": {"name": "colorization"}})
+    repo, env = pipeline_repo
+    with changed_params(repo, {"method": {"name": "colorization"}}):
+        result = run(["python", "-m", "pipelines.pretrain"], repo, env, timeout=60)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: params.yaml: method.name=colorization predicts colour from lightness, but every")

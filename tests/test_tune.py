@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, run, stage_env, update_params
+from tests.conftest import changed_params, copy_repo, run, stage_env, update_params
 
 pytestmark = pytest.mark.slow
 
@@ -183,12 +183,8 @@ def test_an_unreachable_cluster_fails_fast_with_the_fix(sweep_repo):
 
 def test_a_colorization_sweep_on_gray_images_stops_before_ray_starts(sweep_repo):
     repo, env = sweep_repo
-    before = (repo / "params.yaml").read_text()
-    update_params(repo, {"method": {"name": "colorization"}})
-    try:
+    with changed_params(repo, {"method": {"name": "colorization"}}):
         result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": "127.0.0.1:1"}, timeout=60)
-    finally:
-        (repo / "params.yaml").write_text(before)
     assert result.returncode == 2  # the data's error, not the unreachable cluster's: Ray was never reached
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: params.yaml: method.name=colorization predicts colour") and "is gray" in line
