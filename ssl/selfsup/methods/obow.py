@@ -31,6 +31,7 @@ from selfsup.data.views import ViewSpec
 from selfsup.distributed import all_gather, all_reduce_sum, randint_per_image, world_size
 from selfsup.methods.common import TrainingProgress, enqueue, forward_by_size, with_local_views
 from selfsup.models.ema import EMATeacher, cosine_momentum
+from selfsup.models.heads import LocalBatchNorm
 
 
 def squared_distances(features: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -67,18 +68,6 @@ def sampled_local_features(features: torch.Tensor) -> torch.Tensor:
     return pooled[torch.arange(pooled.shape[0], device=features.device), :, pick]
 
 
-class WordNorm(nn.Module):
-    """BatchNorm over the K words, without running statistics (the head only ever trains). Not an nn.BatchNorm:
-    the cross-worker BatchNorm conversion would count every worker's identical words again."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, None, None, self.weight, self.bias, training=True)
-
-
 class DynamicBoWHead(nn.Module):
     """Weights generated from the vocabulary, one per word: kappa * f . w_k are the student's BoW logits."""
 
@@ -87,7 +76,7 @@ class DynamicBoWHead(nn.Module):
         self.kappa = kappa
         self.generator = nn.Sequential(
             nn.Linear(word_dim, 2 * feature_dim, bias=False),
-            WordNorm(2 * feature_dim),
+            LocalBatchNorm(2 * feature_dim),  # over the K words, the same on every worker: not gathered
             nn.ReLU(),
             nn.Linear(2 * feature_dim, feature_dim),
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -31,3 +33,16 @@ def mlp(
     if last_batch_norm:
         modules.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*modules)
+
+
+class LocalBatchNorm(nn.Module):
+    """BatchNorm over this worker's rows only and without running statistics, for a layer that only ever trains
+    on rows every worker holds alike (OBoW's words). Not an nn.BatchNorm: the cross-worker BatchNorm conversion
+    would gather every worker's identical rows again."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True)
