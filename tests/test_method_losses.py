@@ -627,7 +627,7 @@ def test_each_method_runs_forward_and_backward_on_its_declared_views(name: str) 
     method = build(name)
     views = declared_views(name, n=4)
     # each transforms a single view itself
-    one_view = ("rotation", "jigsaw", "relative_location", "inpainting", "colorization", "counting", "exemplar")
+    one_view = ("rotation", "jigsaw", "relative_location", "inpainting", "colorization", "exemplar")
     one_view += ("supervised",)
     local_crops = SMALL_KNOBS[name].get("local_crops", 0)
     expected = 1 if name in one_view else 3 + local_crops if name == "obow" else 2 + local_crops  # OBoW: + teacher

@@ -122,3 +122,34 @@ def test_counting_tiles_are_the_quadrants_of_the_image_and_its_loss_is_the_formu
             different = (other[i, k] - tiles_sum[i, k]) ** 2
             expected += same + max(0.0, margin - different)
     torch.testing.assert_close(counting_loss(counts_whole, tiles_sum, other, margin), expected / 15)
+
+
+def test_counting_info_nce_is_the_cross_entropy_of_each_tile_sum_picking_its_own_image_by_cosine():
+    from selfsup.methods.counting import count_info_nce
+
+    torch.manual_seed(0)
+    whole, tiles_sum, temperature = torch.rand(3, 5), torch.rand(3, 5), 0.2
+    expected = 0.0
+    for i in range(3):  # -log softmax over the images' counts, one tile sum at a time
+        cosines = [torch.nn.functional.cosine_similarity(tiles_sum[i], whole[j], dim=0) for j in range(3)]
+        logits = torch.stack(cosines) / temperature
+        expected += -(logits[i] - logits.logsumexp(0))
+    torch.testing.assert_close(count_info_nce(whole, tiles_sum, temperature), expected / 3)
+    # The loss falls as each tile sum points at its own image: matched counts beat shuffled ones.
+    assert count_info_nce(whole, whole * 2, temperature) < count_info_nce(whole, (whole * 2).roll(1, 0), temperature)
+
+
+def test_counting_takes_the_downsampled_image_from_the_first_view_and_the_tiles_from_the_second():
+    from selfsup.methods.counting import downsampled_and_tiles
+
+    first, second = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    whole, _ = downsampled_and_tiles(first)
+    _, tiles = downsampled_and_tiles(second)
+    for contrast in ("info_nce", "hinge"):
+        params = load_params({"method": {"name": "counting", "counting": {"contrast": contrast}}})
+        method = build_method(TinyEncoder(), params.method)
+        seen = []
+        method.encoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        loss, _ = method([first, second])
+        assert torch.equal(seen[0], torch.cat([whole, *tiles]))  # one encoder pass over all five
+        assert torch.isfinite(loss) and loss > 0
