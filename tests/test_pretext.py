@@ -104,10 +104,10 @@ def test_the_inpainting_encoder_never_sees_the_pixels_it_must_predict(region):
 
 
 def test_counting_tiles_are_the_quadrants_of_the_image_and_its_loss_is_the_formula_per_count():
-    from selfsup.methods.counting import counting_loss, downsampled_and_tiles
+    from selfsup.methods.counting import counting_loss, downsampled, quadrants
 
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
-    whole, tiles = downsampled_and_tiles(images)
+    whole, tiles = downsampled(images), quadrants(images)
     assert whole.shape == (2, 3, 2, 2) and all(t.shape == (2, 3, 2, 2) for t in tiles)
     assert torch.equal(torch.cat([torch.cat(tiles[:2], 3), torch.cat(tiles[2:], 3)], 2), images)  # they reassemble it
     assert torch.allclose(whole[:, :, 0, 0], images[:, :, :2, :2].mean((2, 3)))
@@ -140,11 +140,10 @@ def test_counting_info_nce_is_the_cross_entropy_of_each_tile_sum_picking_its_own
 
 
 def test_counting_takes_the_downsampled_image_from_the_first_view_and_the_tiles_from_the_second():
-    from selfsup.methods.counting import downsampled_and_tiles
+    from selfsup.methods.counting import downsampled, quadrants
 
     first, second = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
-    whole, _ = downsampled_and_tiles(first)
-    _, tiles = downsampled_and_tiles(second)
+    whole, tiles = downsampled(first), quadrants(second)
     for contrast in ("info_nce", "hinge"):
         params = load_params({"method": {"name": "counting", "counting": {"contrast": contrast}}})
         method = build_method(TinyEncoder(), params.method)

@@ -42,11 +42,15 @@ from selfsup.methods.common import two_views
 from selfsup.models.heads import mlp
 
 
-def downsampled_and_tiles(images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """N x C x H x W (H, W even) -> (D x: N x C x H/2 x W/2, the four quadrants T_1..T_4 of that size)."""
+def downsampled(images: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W (H, W even) -> D x: N x C x H/2 x W/2, each pixel the mean of a 2 x 2 block."""
+    return F.avg_pool2d(images, 2)
+
+
+def quadrants(images: torch.Tensor) -> list[torch.Tensor]:
+    """N x C x H x W (H, W even) -> the four tiles T_1..T_4, N x C x H/2 x W/2, in row-major order."""
     h, w = images.shape[2] // 2, images.shape[3] // 2
-    tiles = [images[:, :, :h, :w], images[:, :, :h, w:], images[:, :, h:, :w], images[:, :, h:, w:]]
-    return F.avg_pool2d(images, 2), tiles
+    return [images[:, :, :h, :w], images[:, :, :h, w:], images[:, :, h:, :w], images[:, :, h:, w:]]
 
 
 def counting_loss(whole: torch.Tensor, tiles_sum: torch.Tensor, other: torch.Tensor, margin: float) -> torch.Tensor:
@@ -84,8 +88,7 @@ class Counting(nn.Module):
         self.head = mlp(encoder.feature_dim, knobs.head_hidden_dim, knobs.count_dim)
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        whole, _ = downsampled_and_tiles(views[0])
-        _, tiles = downsampled_and_tiles(views[1])
+        whole, tiles = downsampled(views[0]), quadrants(views[1])
         features = self.encoder(torch.cat([whole, *tiles]))  # five inputs of one size: one pass
         counts = F.relu(self.head(features)).float().chunk(5)
         n = whole.shape[0]
