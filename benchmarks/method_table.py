@@ -26,8 +26,8 @@ from pathlib import Path
 from repro_time import REPO, clone, override_params, stage_env
 
 from pipelines.common import read_params
-from selfsup.config import learning_rate
 from selfsup.methods import METHODS
+from selfsup.params import learning_rate
 
 
 def parse_args() -> argparse.Namespace:

@@ -25,11 +25,12 @@ import uuid  # noqa: E402
 
 import torch  # noqa: E402
 
-from selfsup.config import DataConfig, Params  # noqa: E402
+from selfsup.config import DataConfig  # noqa: E402
 from selfsup.data.arrays import load_split  # noqa: E402
 from selfsup.data.sources import prepare_dataset  # noqa: E402
 from selfsup.data.views import view_generator  # noqa: E402
 from selfsup.methods import TrainingProgress  # noqa: E402
+from selfsup.params import Params  # noqa: E402
 from selfsup.train.loop import PretrainSpec, single_process_step  # noqa: E402
 
 CORES = os.cpu_count() or 1

@@ -42,11 +42,12 @@ import torchvision.transforms as T  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
-from selfsup.config import DataConfig, Params  # noqa: E402
+from selfsup.config import DataConfig  # noqa: E402
 from selfsup.data.arrays import load_split  # noqa: E402
 from selfsup.data.sources import prepare_dataset, read_image_folder  # noqa: E402
 from selfsup.data.views import view_generator  # noqa: E402
 from selfsup.methods import METHODS, TrainingProgress  # noqa: E402
+from selfsup.params import Params  # noqa: E402
 from selfsup.train.loop import PretrainSpec, single_process_step  # noqa: E402
 from selfsup.train.step import TrainStep  # noqa: E402
 

@@ -8,7 +8,6 @@ from pipelines.common import (
     METRICS,
     PLOTS,
     PREPARED,
-    knn_against_baseline,
     log_to_encoder_run,
     read_params,
     run_stage,
@@ -17,6 +16,7 @@ from pipelines.common import (
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.eval.features import load_features
 from selfsup.eval.pictures import nearest_neighbours, plot_embedding_map, plot_retrieval_grid
+from selfsup.eval.protocol import knn_against_baseline
 
 
 def main() -> None:

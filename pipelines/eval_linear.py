@@ -10,7 +10,6 @@ from pipelines.common import (
     METRICS,
     PLOTS,
     PREPARED,
-    linear_against_baseline,
     log_to_encoder_run,
     read_params,
     run_stage,
@@ -19,6 +18,7 @@ from pipelines.common import (
 from selfsup.data.arrays import Manifest
 from selfsup.eval.features import load_features
 from selfsup.eval.pictures import plot_confusion_matrix
+from selfsup.eval.protocol import linear_against_baseline
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ from pipelines.common import (
     log_to_encoder_run,
     read_params,
     run_stage,
-    summarise_over_seeds,
     write_json,
 )
 from selfsup.data.arrays import Manifest, load_split
@@ -24,6 +23,7 @@ from selfsup.errors import DatasetError
 from selfsup.eval.features import extract_features
 from selfsup.eval.linear import topk_accuracy
 from selfsup.eval.pictures import plot_label_fraction
+from selfsup.eval.protocol import summarise_over_seeds
 from selfsup.eval.semisup import fine_tune
 from selfsup.models import Encoder, load_encoder
 

@@ -5,8 +5,6 @@ from pipelines.common import (
     METRICS,
     TRANSFER,
     TRANSFER_FEATURES,
-    knn_against_baseline,
-    linear_against_baseline,
     log_to_encoder_run,
     read_params,
     run_stage,
@@ -14,6 +12,7 @@ from pipelines.common import (
 )
 from selfsup.data.arrays import Manifest
 from selfsup.eval.features import load_features
+from selfsup.eval.protocol import knn_against_baseline, linear_against_baseline
 
 
 def main() -> None:

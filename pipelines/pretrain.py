@@ -66,8 +66,7 @@ def main() -> None:
     }
     with pretrain_run(params.mlflow, ROOT, params=tracked, tags=tags) as run_id:
         started = time.perf_counter()
-        labels = train.labels if spec.uses_labels else None  # the supervised reference, a labelled auxiliary loss
-        state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor, labels)
+        state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor, train.labels)
         wall = time.perf_counter() - started
 
         method = build_model(spec, num_images=len(train.images))

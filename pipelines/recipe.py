@@ -13,9 +13,9 @@ import json
 import yaml
 
 from pipelines.common import ROOT, read_params, run_stage
-from selfsup.config import load_params
+from selfsup.dotted import flatten, set_dotted
 from selfsup.errors import ConfigError
-from selfsup.sweep import set_dotted
+from selfsup.params import load_params
 
 RECIPES = ROOT / "recipes"
 
@@ -30,18 +30,7 @@ def recipe_overrides(recipe: str, method: str) -> dict[str, object]:
     if method not in sections:
         known = ", ".join(name for name in sections if name != "common")
         raise ConfigError(f"recipe {recipe!r} has no method {method!r}; it has: {known}")
-    flat: dict[str, object] = {}
-    for section in (sections.get("common", {}), sections[method]):
-        _flatten(section, "", flat)
-    return flat
-
-
-def _flatten(node: dict, prefix: str, into: dict[str, object]) -> None:
-    for key, value in node.items():
-        if isinstance(value, dict):
-            _flatten(value, f"{prefix}{key}.", into)
-        else:
-            into[f"{prefix}{key}"] = value
+    return {**flatten(sections.get("common", {})), **flatten(sections[method])}
 
 
 def apply(raw: dict, overrides: dict[str, object]) -> dict:

@@ -11,12 +11,12 @@ from pipelines.common import (
     PREPARED,
     ROOT,
     champion_metric_key,
-    flatten_metrics,
     read_params,
     run_stage,
     write_json,
 )
 from selfsup.data.arrays import Manifest, load_split
+from selfsup.eval.protocol import metric_values
 from selfsup.models import load_encoder
 
 PROTOCOLS = ("knn", "linear", "semisup", "transfer")
@@ -30,7 +30,7 @@ def main() -> None:
     # Every protocol's numbers land in the registered run; the champion is chosen on a validation score.
     metrics = {}
     for protocol in PROTOCOLS:
-        metrics.update(flatten_metrics(json.loads((METRICS / f"eval_{protocol}.json").read_text()), protocol + "."))
+        metrics.update(metric_values(json.loads((METRICS / f"eval_{protocol}.json").read_text()), protocol + "."))
     champion_metric = champion_metric_key(params.mlflow.champion_metric)
     manifest = Manifest.read(PREPARED)
     encoder, _ = load_encoder(ENCODER)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfsup.config import ADAMW_LR, DataConfig, Params, ScalingConfig, ViewConfig, learning_rate, load_params
+from selfsup.config import DataConfig, ScalingConfig, ViewConfig
 from selfsup.errors import ConfigError
 from selfsup.methods import METHODS
+from selfsup.params import ADAMW_LR, Params, learning_rate, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pipelines` is imported from the repo root (python -m pytest adds it too)
@@ -277,7 +278,7 @@ def test_run_stage_prints_one_line_and_exits_2_on_config_error() -> None:
 def test_run_stage_handles_a_real_validation_error() -> None:
     script = (
         "from pipelines.common import run_stage\n"
-        "from selfsup.config import load_params\n"
+        "from selfsup.params import load_params\n"
         "run_stage(lambda: load_params({'method': {'name': 'simclrr'}}))\n"
     )
     result = run_script(script)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.config import DataConfig, LinearConfig, ModelConfig, Params, SemisupConfig, load_params
+from selfsup.config import DataConfig, LinearConfig, ModelConfig, SemisupConfig
 from selfsup.data.arrays import load_split
 from selfsup.data.sources import prepare_dataset
 from selfsup.errors import ConfigError
@@ -15,6 +15,7 @@ from selfsup.eval.features import extract_features
 from selfsup.eval.linear import topk_accuracy
 from selfsup.eval.semisup import fine_tune, label_subset
 from selfsup.models import Encoder
+from selfsup.params import Params, load_params
 from selfsup.train.loop import LocalSession, PretrainSpec, train_loop
 from selfsup.train.monitor import KnnMonitor
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.config import DataConfig, load_params
+from selfsup.config import DataConfig
 from selfsup.data.arrays import load_split
 from selfsup.data.sources import prepare_dataset
 from selfsup.methods import build_method, uses_indices
-from selfsup.methods.common import TrainingProgress
+from selfsup.methods.base import TrainingProgress
 from selfsup.methods.exemplar import instance_logits
+from selfsup.params import load_params
 from selfsup.train.loop import LocalSession, PretrainSpec, build_model, train_loop
 from tests.test_method_losses import TinyEncoder
 

@@ -13,12 +13,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from selfsup.config import learning_rate, load_params
 from selfsup.data.views import make_views
 from selfsup.methods import METHODS, TrainingProgress, build_method, method_views
 from selfsup.methods.barlow_twins import barlow_twins_loss
 from selfsup.methods.swav import sinkhorn
 from selfsup.models.batchnorm import convert_to_global_batchnorm
+from selfsup.params import learning_rate, load_params
 from selfsup.train.loop import PretrainSpec, build_model
 from selfsup.train.optim import build_optimizer
 from selfsup.train.step import TrainStep

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import selfsup.methods.dino as dino_module
-from selfsup.config import load_params
 from selfsup.data.views import make_views
 from selfsup.methods import METHODS, TrainingProgress, build_method, method_views
 from selfsup.methods.barlow_twins import barlow_twins_loss
@@ -25,6 +24,7 @@ from selfsup.methods.dino import dino_loss
 from selfsup.methods.moco import info_nce_loss
 from selfsup.methods.swav import sinkhorn, swapped_prediction_loss
 from selfsup.models.ema import EMATeacher, cosine_momentum
+from selfsup.params import load_params
 from tests.conftest import TEST_IMAGES, method_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead

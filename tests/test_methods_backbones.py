@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from selfsup.config import BACKBONES, load_params
 from selfsup.errors import ConfigError
 from selfsup.methods import METHODS
-from selfsup.methods.common import TrainingProgress
-from selfsup.models import Encoder
+from selfsup.methods.base import TrainingProgress
+from selfsup.models import BACKBONE_BUILDERS, Encoder
+from selfsup.params import load_params
 from selfsup.train.loop import PretrainSpec, single_process_step
 from tests.conftest import TEST_IMAGES, method_inputs
 from tests.test_methods_training import SMALL_KNOBS
@@ -49,7 +49,7 @@ def encoder_of(step) -> Encoder:
 # backbone meet, at a third of the whole product's time.
 PAIRS = sorted(
     {(method, backbone) for method in METHODS for backbone in ("small_cnn", "resnet18", "vit_tiny")}
-    | {(method, backbone) for method in ("simclr", "obow") for backbone in BACKBONES}
+    | {(method, backbone) for method in ("simclr", "obow") for backbone in BACKBONE_BUILDERS}
 )
 
 

@@ -26,7 +26,7 @@ SCRIPT = """
 import json, sys, tempfile
 import numpy as np, ray, ray.train, torch, yaml
 from ray.train.torch import TorchTrainer
-from selfsup.config import load_params
+from selfsup.params import load_params
 from selfsup.data.sources import resize_square
 from selfsup.train.loop import PretrainSpec, train_loop
 from selfsup.train.ray_trainer import RaySession, connect_ray, quiet_ray_train_worker

@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.config import DataConfig, load_params
+from selfsup.config import DataConfig
 from selfsup.data.arrays import load_split
 from selfsup.data.sources import prepare_dataset
 from selfsup.errors import CollapseError
 from selfsup.methods import METHODS
+from selfsup.params import load_params
 from selfsup.train.loop import LocalSession, PretrainSpec, train_loop
 
 # Heads small enough for seconds per epoch on 2 cores; each method's other knobs keep their defaults.

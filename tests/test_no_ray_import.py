@@ -36,7 +36,7 @@ import torch
 import selfsup.data.views
 import selfsup.train.loop
 import selfsup.train.step
-from selfsup.config import load_params
+from selfsup.params import load_params
 from selfsup.data.views import view_generator
 from selfsup.methods import TrainingProgress
 from selfsup.train.loop import PretrainSpec, single_process_step

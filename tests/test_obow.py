@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsup.config import load_params
 from selfsup.methods import build_method, method_views
-from selfsup.methods.common import TrainingProgress
+from selfsup.methods.base import TrainingProgress
 from selfsup.methods.obow import (
     DynamicBoWHead,
     bow_targets,
@@ -18,6 +17,7 @@ from selfsup.methods.obow import (
     soft_codes,
     squared_distances,
 )
+from selfsup.params import load_params
 from tests.test_method_losses import TinyEncoder
 
 PROGRESS = TrainingProgress(step=0, total_steps=10, steps_per_epoch=1)

@@ -103,7 +103,6 @@ def test_groups_split_decay_and_fixed_lr(optimizer_name):
 
 def test_without_fixed_lr_parameters_there_are_only_the_two_usual_groups():
     assert len(_build(TinyModel(), _config()).param_groups) == 2
-    assert len(_build(nn.Linear(2, 2), _config()).param_groups) == 2  # no fixed_lr_parameters method
 
 
 def test_set_lr_leaves_fixed_groups_at_the_base_lr():

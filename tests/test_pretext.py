@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.config import load_params
 from selfsup.methods import build_method
 from selfsup.methods.inpainting import inpainting_loss, region_masks
 from selfsup.methods.rotation import rotated
+from selfsup.params import load_params
 from tests.test_method_losses import TinyEncoder
 
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.config import DataConfig, load_params
+from selfsup.config import DataConfig
 from selfsup.data.arrays import load_split
 from selfsup.data.sources import prepare_dataset
 from selfsup.errors import ConfigError
 from selfsup.methods import METHODS, build_method, uses_labels
 from selfsup.methods.supervised import LabelledLoss
+from selfsup.params import load_params
 from selfsup.train.loop import LocalSession, PretrainSpec, train_loop
 from tests.test_method_losses import SMALL_KNOBS, TinyEncoder, declared_views
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from selfsup.config import load_params
 from selfsup.errors import ConfigError
+from selfsup.params import load_params
 from selfsup.sweep import (
     TrialResult,
     adopt_flags,

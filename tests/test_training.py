@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.config import DataConfig, Params
+from selfsup.config import DataConfig
 from selfsup.data.arrays import load_split
 from selfsup.data.sources import prepare_dataset
 from selfsup.errors import CheckpointError, NonFiniteLossError
 from selfsup.models import load_encoder, save_encoder
+from selfsup.params import Params
 from selfsup.train.loop import CHECKPOINT_FILE, LocalSession, PretrainSpec, build_model, train_loop
 
 

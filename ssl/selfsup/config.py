@@ -1,13 +1,12 @@
-"""Typed, validated configuration: the one place where bad params are caught.
+"""Typed, validated sections of params.yaml that know nothing of methods or backbones.
 
-Every pipeline stage turns `params.yaml` into a `Params` object before it spends any compute; the
-library itself only ever sees these objects. A problem becomes a `ConfigError` whose lines each name
-the key, the value and what is allowed.
+`selfsup.params` assembles them, with each registered method's knobs and the backbone builders, into the
+`Params` every stage validates before it spends any compute; the library itself only ever sees these
+objects. This module imports no other part of selfsup but its errors, so that methods and models can import it.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Annotated, Any, Literal
 
@@ -18,20 +17,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
-    SerializeAsAny,
-    ValidationError,
-    create_model,
     field_validator,
     model_validator,
 )
 
-from selfsup.errors import ConfigError
 
-BACKBONES = ("small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "regnet_y_400mf", "regnet_y_1_6gf")
-WIDTH_MULTIPLIED = ("small_cnn", "resnet18", "resnet50")  # the backbones model.width applies to
-
-
-def _one_of(value: str, allowed, what: str) -> str:
+def one_of(value: str, allowed, what: str) -> str:
     """Registries are open-ended (a new method is a new file), so names are checked here, not by Literal."""
     if value not in allowed:
         raise ValueError(f"unknown {what}; allowed: {', '.join(allowed)}")
@@ -83,24 +74,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: str = "small_cnn"
+    backbone: str = "small_cnn"  # one of selfsup.models.BACKBONE_BUILDERS, checked by selfsup.params
     width: float = Field(default=1.0, gt=0, le=8)  # channel multiplier of small_cnn and the ResNets
     zero_init_residual: bool = False  # zero each residual block's last BN scale (ResNets, RegNets)
     patch_size: int = Field(default=4, ge=1)  # ViT patch side: 4 at 32x32 gives 64 tokens
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        return _one_of(value, BACKBONES, "backbone")
-
-    @model_validator(mode="after")
-    def _width_applies(self) -> ModelConfig:
-        if self.width != 1.0 and self.backbone not in WIDTH_MULTIPLIED:
-            raise ValueError(
-                f"model.width={self.width} applies only to {', '.join(WIDTH_MULTIPLIED)}; "
-                f"set it to 1.0 for model.backbone={self.backbone!r}"
-            )
-        return self
 
 
 class MethodKnobs(_Section):
@@ -109,33 +86,15 @@ class MethodKnobs(_Section):
 
 
 class MethodConfig(_Section):
-    """`name` picks the method; `method.<name>` holds each method's knobs (added by `_method_model`)."""
+    """`name` picks the method; `method.<name>` holds each method's knobs (the sections selfsup.params adds from
+    the registry of methods, which also checks the name)."""
 
     name: str = "simclr"
-
-    @field_validator("name")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        return _one_of(value, _methods(), "method")
 
     @property
     def knobs(self) -> MethodKnobs:
         """The chosen method's knobs."""
         return getattr(self, self.name)
-
-
-def _methods() -> dict:
-    # Imported on first use, not at import: the methods import torch, and this module.
-    from selfsup.methods import METHODS
-
-    return METHODS
-
-
-@functools.cache
-def _method_model() -> type[MethodConfig]:
-    """MethodConfig with one section per registered method, each validated by the method's Knobs."""
-    sections = {name: (method.Knobs, method.Knobs()) for name, method in _methods().items()}
-    return create_model("MethodConfig", __base__=MethodConfig, **sections)
 
 
 class ViewConfig(_Section):
@@ -326,105 +285,8 @@ class TuneConfig(_Section):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        return _one_of(value, TUNE_METRICS, "metric (what a trial reports)")
+        return one_of(value, TUNE_METRICS, "metric (what a trial reports)")
 
     @property
     def resolved_mode(self) -> str:
         return self.mode or TUNE_METRICS[self.metric]
-
-
-class Params(_Section):
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_model()())
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _method_sections(cls, value: Any) -> Any:
-        return value if isinstance(value, MethodConfig) else _method_model().model_validate(value)
-
-    views: ViewConfig = ViewConfig()
-    train: TrainConfig = TrainConfig()
-    scaling: ScalingConfig = ScalingConfig()
-    eval: EvalConfig = EvalConfig()
-    mlflow: MlflowConfig = MlflowConfig()
-    tune: TuneConfig = TuneConfig()
-
-    @model_validator(mode="after")
-    def _warmup_ends_before_training(self) -> Params:
-        if self.train.warmup_epochs >= self.train.epochs:
-            raise ValueError(
-                f"train.warmup_epochs={self.train.warmup_epochs} must be below train.epochs={self.train.epochs}: "
-                "the learning rate would never reach train.lr nor decay"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _label_loss_beside_a_self_supervised_method(self) -> Params:
-        if self.train.label_loss_weight > 0 and self.method.name == "supervised":
-            raise ValueError(
-                f"train.label_loss_weight={self.train.label_loss_weight} adds a labelled loss to a self-supervised "
-                "method; method.name=supervised already trains on the labels: set it to 0"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _champion_metric_is_measured(self) -> Params:
-        allowed = [f"knn_k{k}_top1" for k in self.eval.knn.k] + ["linear_top1"]
-        if self.mlflow.champion_metric not in allowed:
-            raise ValueError(
-                f"mlflow.champion_metric={self.mlflow.champion_metric!r} is not measured; allowed: "
-                f"{', '.join(allowed)} (the k of kNN come from eval.knn.k)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _batch_fits_method(self) -> Params:
-        workers, batch = self.scaling.num_workers, self.train.batch_size
-        if batch % workers:
-            raise ValueError(f"train.batch_size={batch} must divide evenly across scaling.num_workers={workers}")
-        needed = _methods()[self.method.name].min_batch
-        if batch // workers < needed:
-            raise ValueError(
-                f"train.batch_size={batch} is too small for method {self.method.name!r}: each of "
-                f"{workers} worker(s) needs at least {needed} images; raise train.batch_size to "
-                f"at least {needed * workers}"
-            )
-        return self
-
-
-ADAMW_LR = 5e-4  # per 256 images: DINO's and most ViT recipes'
-
-
-def learning_rate(train: TrainConfig, method: MethodConfig) -> float:
-    """The peak learning rate: train.lr, or for "auto" the method's own, scaled to the batch size."""
-    if train.lr != "auto":
-        return train.lr
-    per_256_images = ADAMW_LR if train.optimizer == "adamw" else _methods()[method.name].lr
-    return per_256_images * train.batch_size / 256
-
-
-def load_params(raw: dict[str, Any] | None) -> Params:
-    """Validate a params mapping (as read from params.yaml); raise ConfigError naming each problem."""
-    try:
-        return Params.model_validate(raw or {})
-    except ValidationError as error:
-        raise ConfigError("\n".join(_describe(e) for e in error.errors())) from None
-
-
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        if len(error["loc"]) == 3 and error["loc"][0] == "method":  # method.<name>.<knob>
-            knob = error["loc"][2]
-            owners = [name for name, method in _methods().items() if knob in method.Knobs.model_fields]
-            if owners:
-                where = " and ".join(f"method.{name}" for name in owners)
-                return f"params.yaml: {key} is not a knob of {error['loc'][1]}; {knob} belongs in {where}"
-        return f"params.yaml: {key} is not a known key (a typo?); remove or rename it"
-    if error["loc"][:2] == ("tune", "space") and len(error["loc"]) > 2:  # a distribution is a dict, and named by key
-        return f"params.yaml: {key}={error.get('input')!r} is invalid: {message}"
-    if not key or isinstance(error.get("input"), dict):  # cross-field: the message names the keys
-        return f"params.yaml: {message}"
-    return f"params.yaml: {key}={error.get('input')!r} is invalid: {message}"

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from selfsup.config import Params, load_params
+from selfsup.dotted import flatten, nested, set_dotted
 from selfsup.errors import ConfigError
+from selfsup.params import Params, load_params
 
 # A trial pretrains and is judged on what pretraining reports: keys elsewhere would change nothing it measures.
 TUNABLE_SECTIONS = ("model", "method", "views", "train")
@@ -24,23 +25,6 @@ PROBED = "monitor_linear_top1"  # with this metric, the monitor's linear probe (
 
 def tunable(key: str, metric: str) -> bool:
     return key.split(".")[0] in TUNABLE_SECTIONS or (metric == PROBED and key.startswith("eval.linear."))
-
-
-def set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    """raw["a"]["b"]["c"] = value for "a.b.c", making the sections on the way."""
-    *parents, last = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-
-
-def nested(flat: dict[str, Any]) -> dict:
-    """{"a.b": 1, "a.c": 2} -> {"a": {"b": 1, "c": 2}}: params.yaml's shape."""
-    tree: dict = {}
-    for dotted, value in flat.items():
-        set_dotted(tree, dotted, value)
-    return tree
 
 
 def trial_params(params: Params, sampled: dict[str, Any]) -> Params:
@@ -155,14 +139,5 @@ def adopt_flags(path: Path) -> str:
     """best_params.yaml as `dvc exp run` flags: `dvc exp run $(python -m pipelines.tune --adopt)`."""
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run a sweep first (`python -m pipelines.tune`)")
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk(yaml.safe_load(path.read_text()) or {}, "")
+    flat = flatten(yaml.safe_load(path.read_text()) or {})
     return " ".join(f"-S {key}={value}" for key, value in flat.items())

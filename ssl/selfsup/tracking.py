@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.types import Schema, TensorSpec  # noqa: E402
 
 from selfsup.config import MlflowConfig  # noqa: E402
+from selfsup.dotted import flatten  # noqa: E402
 from selfsup.errors import TrackingError  # noqa: E402
 from selfsup.reachability import unreachable  # noqa: E402
 
@@ -103,7 +104,7 @@ def pretrain_run(config: MlflowConfig, root: str | Path, *, params: dict, tags: 
         tags = {**tags, "dvc_experiment": os.environ["DVC_EXP_NAME"]}
     with _mlflow_errors():
         run = mlflow.start_run(experiment_id=experiment_id, tags=tags)
-        mlflow.log_params(_flatten(params))
+        mlflow.log_params(_as_tags(params))
     try:
         yield run.info.run_id
     except BaseException:
@@ -151,7 +152,7 @@ def sweep_parent_run(config: MlflowConfig, root: str | Path, sweep: str, params:
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     run = client.create_run(experiment_id, tags=tags, run_name=f"sweep {Path(sweep).name}")
-    flat = _flatten(params)
+    flat = _as_tags(params)
     from mlflow.entities import Param
 
     items = [Param(key, value[:6000]) for key, value in flat.items()]
@@ -267,7 +268,7 @@ def register_encoder(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim))]),
     )
-    flat_params = _flatten(params)
+    flat_params = _as_tags(params)
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_metrics(metrics)
         mlflow.set_tags(lineage)
@@ -323,11 +324,5 @@ def _champion_score(
     return client.get_run(champion.run_id).data.metrics.get(metric)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
+def _as_tags(tree: dict) -> dict[str, str]:
+    return {key: str(value) for key, value in flatten(tree).items()}

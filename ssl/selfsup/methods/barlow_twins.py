@@ -9,6 +9,7 @@ from torch import nn
 from selfsup.config import MethodKnobs, ViewConfig
 from selfsup.data.views import ViewSpec
 from selfsup.distributed import all_reduce_sum, all_reduce_with_grad
+from selfsup.methods.base import Method
 from selfsup.methods.common import asymmetric_views
 from selfsup.models.heads import mlp
 
@@ -30,7 +31,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiagonal: fl
     return on_diagonal + lambda_offdiagonal * off_diagonal
 
 
-class BarlowTwins(nn.Module):
+class BarlowTwins(Method):
     name = "barlow_twins"
     min_batch = 2  # a correlation needs two images
     lr = 0.01  # per 256 images (SGD). kNN on the digits: 0.3 87.7%, 0.05 90.3%, 0.01 96.9% (random init 94.4%)

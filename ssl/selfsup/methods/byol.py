@@ -9,7 +9,8 @@ from torch import nn
 
 from selfsup.config import MethodKnobs, ViewConfig
 from selfsup.data.views import ViewSpec
-from selfsup.methods.common import TrainingProgress, asymmetric_views
+from selfsup.methods.base import Method, TrainingProgress
+from selfsup.methods.common import asymmetric_views
 from selfsup.models.ema import EMATeacher, cosine_momentum
 from selfsup.models.heads import mlp
 
@@ -19,7 +20,7 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p, z, dim=1)).mean()
 
 
-class BYOL(nn.Module):
+class BYOL(Method):
     name = "byol"
     min_batch = 2  # BatchNorm in the heads needs two images
     lr = 0.03  # per 256 images (SGD). kNN on the digits: 0.3 89.1%, 0.1 93.3%, 0.03 95.3% (random init 94.4%)

@@ -33,6 +33,7 @@ from torch import nn
 
 from selfsup.config import MethodKnobs
 from selfsup.data.lab import lightness_image, rgb_to_lab
+from selfsup.methods.base import Method
 from selfsup.methods.common import one_view
 from selfsup.models.heads import mlp
 
@@ -113,7 +114,7 @@ def colorization_loss(prediction: torch.Tensor, targets: torch.Tensor, classific
     return F.mse_loss(prediction, targets)
 
 
-class Colorization(nn.Module):
+class Colorization(Method):
     name = "colorization"
     min_batch = 2  # BatchNorm in the head needs two images
     lr = 0.1  # per 256 images (SGD), as rotation's; the paper used Adam

@@ -1,8 +1,7 @@
-"""What methods share: training progress, the views they declare, and forwarding views grouped by size."""
+"""What methods share: the views they declare, queues, and forwarding views grouped by size."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -11,25 +10,6 @@ from torch import nn
 
 from selfsup.config import ViewConfig
 from selfsup.data.views import ViewSpec
-
-
-@dataclass(frozen=True)
-class TrainingProgress:
-    """Where training stands at an optimiser step; the loop hands it to the methods' hooks."""
-
-    step: int  # this step's index, from 0
-    total_steps: int
-    steps_per_epoch: int
-
-    @property
-    def fraction(self) -> float:
-        """Steps done after this one, over all steps: momentum schedules run from 0 to 1 on it."""
-        return (self.step + 1) / self.total_steps
-
-    @property
-    def epoch(self) -> float:
-        """Epochs done before this step, fractional."""
-        return self.step / self.steps_per_epoch
 
 
 def one_view(knobs, views: ViewConfig, image_size: int) -> list[ViewSpec]:

@@ -38,6 +38,7 @@ from torch import nn
 
 from selfsup.config import MethodKnobs
 from selfsup.distributed import gather_with_grad, rank
+from selfsup.methods.base import Method
 from selfsup.methods.common import two_views
 from selfsup.models.heads import mlp
 
@@ -66,7 +67,7 @@ def count_info_nce(whole: torch.Tensor, tiles_sum: torch.Tensor, temperature: fl
     return F.cross_entropy(logits, own)
 
 
-class Counting(nn.Module):
+class Counting(Method):
     name = "counting"
     min_batch = 2  # the other image is another image of the batch
     lr = 0.1  # per 256 images (SGD)

@@ -10,8 +10,8 @@ from torch import nn
 from selfsup.config import CropScale, MethodKnobs, ViewConfig
 from selfsup.data.views import ViewSpec
 from selfsup.distributed import all_reduce_sum
+from selfsup.methods.base import Method, TrainingProgress
 from selfsup.methods.common import (
-    TrainingProgress,
     asymmetric_views,
     cross_view_cross_entropy,
     forward_by_size,
@@ -46,7 +46,7 @@ def dino_loss(
     return cross_view_cross_entropy(targets, student, student_t)
 
 
-class DINO(nn.Module):
+class DINO(Method):
     name = "dino"
     min_batch = 1  # the centre, not the batch, prevents collapse
     lr = 0.3  # per 256 images (SGD): the digits' kNN 97.8% (random init 94.4%)

@@ -30,7 +30,8 @@ from torch import nn
 
 from selfsup.config import MethodKnobs
 from selfsup.distributed import all_gather
-from selfsup.methods.common import TrainingProgress, one_view
+from selfsup.methods.base import Method, TrainingProgress
+from selfsup.methods.common import one_view
 from selfsup.models.heads import mlp
 
 
@@ -39,7 +40,7 @@ def instance_logits(embeddings: torch.Tensor, classes: torch.Tensor, temperature
     return F.normalize(embeddings, dim=1) @ F.normalize(classes, dim=1).T / temperature
 
 
-class Exemplar(nn.Module):
+class Exemplar(Method):
     name = "exemplar"
     min_batch = 1  # the other images are in the bank, not the batch
     lr = 0.03  # per 256 images (SGD), Wu et al.'s 0.03 at batch 256

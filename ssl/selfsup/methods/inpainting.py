@@ -24,6 +24,7 @@ from torch import nn
 
 from selfsup.config import MethodKnobs
 from selfsup.distributed import randint_per_image
+from selfsup.methods.base import Method
 from selfsup.methods.common import one_view
 from selfsup.models.heads import mlp
 
@@ -56,7 +57,7 @@ def inpainting_loss(prediction: torch.Tensor, images: torch.Tensor, masks: torch
     return squared.sum() / (masks.sum() * images.shape[1]).clamp(min=1)
 
 
-class Inpainting(nn.Module):
+class Inpainting(Method):
     name = "inpainting"
     min_batch = 2  # BatchNorm in the decoder needs two images
     lr = 0.3  # per 256 images (SGD; the paper used Adam at 2e-4): on the digits (centre) kNN 96.7%, at 0.1 95.0%

@@ -30,6 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from selfsup.distributed import randint_per_image
+from selfsup.methods.base import Method
 from selfsup.methods.common import labelled_cross_entropy
 from selfsup.methods.tiles import CELLS, TileKnobs, TileSide, grayed_view, jittered_tiles, resized, whole_image_features
 from selfsup.models.heads import mlp
@@ -65,7 +66,7 @@ def shuffled(tiles: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     return tiles[torch.arange(len(tiles), device=tiles.device)[:, None], orders]
 
 
-class Jigsaw(nn.Module):
+class Jigsaw(Method):
     name = "jigsaw"
     min_batch = 2  # BatchNorm in the heads needs two images
     # Per 256 images (SGD). VISSL's 0.1 left the encoder below random init on the digits (kNN 90.25%, linear

@@ -9,7 +9,8 @@ from torch import nn
 
 from selfsup.config import MethodKnobs
 from selfsup.distributed import all_gather
-from selfsup.methods.common import TrainingProgress, enqueue, two_views
+from selfsup.methods.base import Method, TrainingProgress
+from selfsup.methods.common import enqueue, two_views
 from selfsup.models.ema import EMATeacher, cosine_momentum
 from selfsup.models.heads import mlp
 
@@ -22,7 +23,7 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-class MoCo(nn.Module):
+class MoCo(Method):
     name = "moco"
     min_batch = 1  # negatives come from the queue
     lr = 0.06  # per 256 images (SGD), MoCo's CIFAR demo: 0.3 collapses it on the digits

@@ -29,7 +29,8 @@ from torch import nn
 from selfsup.config import CropScale, MethodKnobs, ViewConfig
 from selfsup.data.views import ViewSpec
 from selfsup.distributed import all_gather, all_reduce_sum, randint_per_image, world_size
-from selfsup.methods.common import TrainingProgress, enqueue, forward_by_size, with_local_views
+from selfsup.methods.base import Method, TrainingProgress
+from selfsup.methods.common import enqueue, forward_by_size, with_local_views
 from selfsup.models.ema import EMATeacher, cosine_momentum
 from selfsup.models.heads import LocalBatchNorm
 
@@ -86,7 +87,7 @@ class DynamicBoWHead(nn.Module):
         return self.kappa * features @ weights.T
 
 
-class OBoW(nn.Module):
+class OBoW(Method):
     name = "obow"
     min_batch = 1  # the targets come from the teacher, not from other images
     lr = 0.05  # per 256 images (SGD): OBoW's ResNet-18 on ImageNet-20%, 0.05 at batch 128
@@ -127,7 +128,7 @@ class OBoW(nn.Module):
         crops = forward_by_size(self.encoder, views[1:])
         words = self.vocabulary.clone()  # as it stood before this step's update
         with torch.no_grad():
-            teacher_map = inner_map(self.teacher.module[0].feature_map(views[0]).float())  # module[0]: the encoder
+            teacher_map = inner_map(self.teacher.encoder.feature_map(views[0]).float())
         with torch.autocast(teacher_map.device.type, enabled=False):
             with torch.no_grad():
                 squared = squared_distances(teacher_map, words)

@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from selfsup.distributed import randint_per_image
+from selfsup.methods.base import Method
 from selfsup.methods.common import labelled_cross_entropy
 from selfsup.methods.tiles import TileKnobs, TileSide, grayed_view, jittered_tiles, resized, whole_image_features
 from selfsup.models.heads import mlp
@@ -43,7 +44,7 @@ def centre_and_neighbour(tiles: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return tiles[:, CENTRE], tiles[torch.arange(len(tiles), device=tiles.device), cells]
 
 
-class RelativeLocation(nn.Module):
+class RelativeLocation(Method):
     name = "relative_location"
     min_batch = 2  # BatchNorm in the head needs two images
     # Per 256 images (SGD). mmselfsup's (0.2 at batch 512) left the encoder below random init on the digits (kNN

@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from selfsup.config import MethodKnobs
+from selfsup.methods.base import Method
 from selfsup.methods.common import labelled_cross_entropy, one_view
 from selfsup.models.heads import mlp
 
@@ -37,7 +38,7 @@ def rotated(images: torch.Tensor, all_rotations: bool) -> tuple[torch.Tensor, to
     return out, turns
 
 
-class Rotation(nn.Module):
+class Rotation(Method):
     name = "rotation"
     min_batch = 2  # BatchNorm in the head needs two images
     lr = 0.1  # per 256 images (SGD): RotNet's CIFAR lr 0.1 at batch 128

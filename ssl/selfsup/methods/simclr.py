@@ -9,6 +9,7 @@ from torch import nn
 
 from selfsup.config import MethodKnobs
 from selfsup.distributed import gather_with_grad, rank
+from selfsup.methods.base import Method
 from selfsup.methods.common import two_views
 from selfsup.models.heads import mlp
 
@@ -31,7 +32,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
     return F.cross_entropy(logits, positives)
 
 
-class SimCLR(nn.Module):
+class SimCLR(Method):
     name = "simclr"
     min_batch = 2  # a negative needs a second image
     lr = 0.3  # per 256 images (SGD), SimCLR's 0.3 x batch/256

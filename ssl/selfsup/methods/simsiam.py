@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from selfsup.config import MethodKnobs
+from selfsup.methods.base import Method
 from selfsup.methods.common import two_views
 from selfsup.models.heads import mlp
 
@@ -16,7 +17,7 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(p, z, dim=1).mean()
 
 
-class SimSiam(nn.Module):
+class SimSiam(Method):
     name = "simsiam"
     min_batch = 2  # BatchNorm in the heads needs two images
     lr = 0.3  # per 256 images (SGD): the digits' kNN 97.2% (random init 94.4%)

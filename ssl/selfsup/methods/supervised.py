@@ -7,15 +7,18 @@ number beside random init and the self-supervised ones. `LabelledLoss` adds the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from pydantic import Field
 from torch import nn
 
 from selfsup.config import MethodKnobs
+from selfsup.methods.base import Method, TrainingProgress
 from selfsup.methods.common import labelled_cross_entropy, one_view
 
 
-class Supervised(nn.Module):
+class Supervised(Method):
     name = "supervised"
     min_batch = 1
     lr = 0.1  # per 256 images (SGD): the usual CIFAR ResNet rate is 0.1 at batch 128
@@ -39,22 +42,17 @@ class Supervised(nn.Module):
         return loss, features.detach().float()
 
 
-class LabelledLoss(nn.Module):
+class LabelledLoss(Method, abstract=True):
     """Any method plus `weight` x the cross-entropy of a linear head on the encoder's features of its first view.
 
-    With weight 0 it is never built (the loop trains the plain method); the method's hooks pass through.
+    With weight 0 it is never built (the loop trains the plain method). It is not a method of its own: it
+    wraps one, and passes the method's hooks through.
     """
 
-    uses_labels = True
-
-    def __init__(self, method: nn.Module, num_classes: int, weight: float):
+    def __init__(self, method: Method, num_classes: int, weight: float):
         super().__init__()
         self.method, self.weight = method, weight
         self.head = nn.Linear(method.encoder.feature_dim, num_classes)
-        self.name, self.advice = method.name, getattr(method, "advice", "")
-        for hook in ("after_backward", "after_step", "fixed_lr_parameters"):
-            if hasattr(method, hook):
-                setattr(self, hook, getattr(method, hook))
 
     @property
     def encoder(self) -> nn.Module:
@@ -66,3 +64,12 @@ class LabelledLoss(nn.Module):
         loss, embeddings = self.method(views, **inputs)  # the indices, for Exemplar-CNN
         labelled = labelled_cross_entropy(self.head, self.method.encoder(views[0]), labels)
         return loss + self.weight * labelled, embeddings
+
+    def after_backward(self, progress: TrainingProgress) -> None:
+        self.method.after_backward(progress)
+
+    def after_step(self, progress: TrainingProgress) -> None:
+        self.method.after_step(progress)
+
+    def fixed_lr_parameters(self) -> Iterable[nn.Parameter]:
+        return self.method.fixed_lr_parameters()

@@ -10,8 +10,8 @@ from torch import nn
 from selfsup.config import CropScale, MethodKnobs, ViewConfig
 from selfsup.data.views import ViewSpec
 from selfsup.distributed import all_reduce_sum
+from selfsup.methods.base import Method, TrainingProgress
 from selfsup.methods.common import (
-    TrainingProgress,
     cross_view_cross_entropy,
     forward_by_size,
     two_views,
@@ -39,7 +39,7 @@ def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor
     return cross_view_cross_entropy(codes, scores, temperature)
 
 
-class SwAV(nn.Module):
+class SwAV(Method):
     name = "swav"
     min_batch = 2  # BatchNorm in the head needs two images
     lr = 0.3  # per 256 images (SGD): the digits' kNN 97.2% (random init 94.4%)

@@ -56,7 +56,7 @@ def _from_torchvision(name: str) -> Builder:
     return build
 
 
-# Backbone name (config.BACKBONES) -> its builder.
+# Backbone name (model.backbone) -> its builder: the one list of backbones params are checked against.
 BACKBONE_BUILDERS: dict[str, Builder] = {
     "small_cnn": lambda config, image_size: SmallCNN(config.width),
     **{
@@ -64,6 +64,7 @@ BACKBONE_BUILDERS: dict[str, Builder] = {
         for name in ("resnet18", "resnet50", "vit_tiny", "vit_small", "regnet_y_400mf", "regnet_y_1_6gf")
     },
 }
+WIDTH_MULTIPLIED = ("small_cnn", "resnet18", "resnet50")  # the backbones model.width applies to
 
 
 def build_backbone(config: ModelConfig, image_size: int = 32) -> nn.Module:

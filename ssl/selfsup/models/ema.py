@@ -29,6 +29,11 @@ class EMATeacher(nn.Module):
         self.module = nn.Sequential(*copy.deepcopy(students))  # a copy, never a reference (dinov2 #407)
         self.module.requires_grad_(False)
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The teacher's copy of the first student module, the encoder (OBoW reads its feature map)."""
+        return self.module[0]
+
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)

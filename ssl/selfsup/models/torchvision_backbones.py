@@ -175,7 +175,7 @@ def _regnet(build_torchvision_regnet: Callable[..., nn.Module]) -> Builder:
     return lambda config, image_size: cifar_regnet(build_torchvision_regnet, config)
 
 
-# Backbone name (config.BACKBONES) -> its builder; backbones.BACKBONE_BUILDERS reaches these lazily.
+# Backbone name (model.backbone) -> its builder; backbones.BACKBONE_BUILDERS reaches these lazily.
 TORCHVISION_BUILDERS: dict[str, Builder] = {
     "resnet18": _resnet(BasicBlock, [2, 2, 2, 2]),
     "resnet50": _resnet(Bottleneck, [3, 4, 6, 3]),

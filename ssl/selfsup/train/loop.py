@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from selfsup.config import MethodConfig, ModelConfig, Params, TrainConfig, ViewConfig, learning_rate
+from selfsup.config import MethodConfig, ModelConfig, TrainConfig, ViewConfig
 from selfsup.data.arrays import Manifest
 from selfsup.data.views import view_generator
 from selfsup.errors import CheckpointError, CollapseError, ConfigError, NonFiniteLossError
-from selfsup.methods import TrainingProgress, build_method, method_views, uses_indices, uses_labels
+from selfsup.methods import Method, TrainingProgress, build_method, method_class, method_views, uses_labels
 from selfsup.models import Encoder
 from selfsup.models.batchnorm import convert_to_global_batchnorm
+from selfsup.params import Params, learning_rate
 from selfsup.train.collapse import effective_rank, embedding_std
 from selfsup.train.monitor import KnnMonitor
 from selfsup.train.optim import build_optimizer, set_lr, warmup_cosine
@@ -135,7 +136,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from None
 
 
-def build_model(spec: PretrainSpec, num_images: int = 0) -> nn.Module:
+def build_model(spec: PretrainSpec, num_images: int = 0) -> Method:
     """The method module (encoder + heads), initialised from train.seed: identical on every worker.
     `num_images`, the training set's size, sizes Exemplar-CNN's classes."""
     torch.manual_seed(spec.train.seed)
@@ -151,11 +152,6 @@ def single_process_step(spec: PretrainSpec, device: torch.device, num_images: in
     return TrainStep(method, optimizer, views, spec.train, device)
 
 
-def _advice(method: nn.Module) -> str:
-    """The method's own knobs to try, as it words them."""
-    return getattr(method, "advice", "see the method's knobs under method." + method.name)
-
-
 def train_loop(
     images: np.ndarray,
     spec: PretrainSpec,
@@ -166,7 +162,8 @@ def train_loop(
     """Pretrain on uint8 N x H x W x 3 images; returns the final checkpoint (the last one reported).
 
     With a `monitor`, rank 0 measures its kNN accuracy every `train.monitor_every` epochs and at the last one.
-    `labels` (of the images, in order) reach the step only when the spec trains on them (`spec.uses_labels`).
+    `labels` (of the images, in order; None for unlabelled images) reach the step only when the spec trains on
+    them (`spec.uses_labels`): this is the one place that decides, so callers hand over what they have.
     """
     train, device = spec.train, session.device
     if spec.uses_labels and labels is None:
@@ -213,7 +210,8 @@ def train_loop(
     step = TrainStep(model, optimizer, views, train, device, method=method)
     data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
     targets = torch.tensor(labels, dtype=torch.long, device=device) if spec.uses_labels else None
-    with_indices = uses_indices(spec.method)
+    with_indices = method_class(spec.method).uses_indices
+    advice = method_class(spec.method).advice
     low_std_epochs = 0  # consecutive epochs whose embeddings looked collapsed
 
     total_steps, warmup_steps = train.epochs * steps_per_epoch, train.warmup_epochs * steps_per_epoch
@@ -242,15 +240,14 @@ def train_loop(
         kept = f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else "no checkpoint was written yet"
         if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"the loss became {loss} in epoch {epoch + 1}; {kept}. Lower train.lr (now {peak_lr:.4g}); "
-                f"{_advice(method)}"
+                f"the loss became {loss} in epoch {epoch + 1}; {kept}. Lower train.lr (now {peak_lr:.4g}); {advice}"
             )
         low_std_epochs = low_std_epochs + 1 if std < train.collapse_std else 0
         if low_std_epochs >= train.collapse_patience:
             raise CollapseError(
                 f"{spec.method.name} collapsed: the embeddings' std stayed below train.collapse_std="
                 f"{train.collapse_std} for {low_std_epochs} epochs (now {std:.3f}, epoch {epoch + 1}); {kept}. "
-                f"Lower train.lr (now {peak_lr:.4g}) or raise train.warmup_epochs; {_advice(method)}"
+                f"Lower train.lr (now {peak_lr:.4g}) or raise train.warmup_epochs; {advice}"
             )
         metrics = {
             "epoch": epoch + 1,

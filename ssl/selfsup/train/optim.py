@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from selfsup.config import TrainConfig
+from selfsup.methods import Method
 
 
 def _decay_split(parameters: list[nn.Parameter], config: TrainConfig, **extra) -> list[dict]:
@@ -25,12 +26,11 @@ def _decay_split(parameters: list[nn.Parameter], config: TrainConfig, **extra) -
     ]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: Method, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """SGD (momentum), AdamW or LARS; biases and norm weights get no weight decay (nor LARS adaptation), as is
-    usual for SSL. Parameters the model keeps at a fixed learning rate (its `fixed_lr_parameters()`, if it has
-    one) get groups of their own, marked "fixed_lr", which `set_lr` leaves at `lr`, the peak learning rate."""
-    fixed_lr_parameters = getattr(model, "fixed_lr_parameters", None)
-    fixed_ids = {id(p) for p in fixed_lr_parameters()} if fixed_lr_parameters else set()
+    usual for SSL. Parameters the method keeps at a fixed learning rate (its `fixed_lr_parameters()`) get
+    groups of their own, marked "fixed_lr", which `set_lr` leaves at `lr`, the peak learning rate."""
+    fixed_ids = {id(p) for p in model.fixed_lr_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     scheduled = [p for p in trainable if id(p) not in fixed_ids]
     fixed = [p for p in trainable if id(p) in fixed_ids]

@@ -167,7 +167,7 @@ def pretrain_with_ray(
     labels: np.ndarray | None = None,
 ) -> dict:
     """Train on a Ray cluster and return the final checkpoint (method and optimiser state, history). `labels`
-    travel to the workers only for a spec that trains on them."""
+    (None for unlabelled images) go to `train_loop`, which alone decides whether the spec trains on them."""
     connect_ray()
     check_resources(scaling)
     resources = {"CPU": scaling.cpus_per_worker}
@@ -177,7 +177,7 @@ def pretrain_with_ray(
         _ray_worker,
         train_loop_config={
             "images": ray.put(images),  # through the object store: works on a multi-node cluster too
-            "labels": ray.put(labels) if spec.uses_labels else None,
+            "labels": None if labels is None else ray.put(labels),
             "spec": spec,
             "monitor": monitor,
             "use_gpu": scaling.use_gpu,

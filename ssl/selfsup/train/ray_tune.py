@@ -28,9 +28,10 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
-from selfsup.config import Params, TuneConfig  # noqa: E402
+from selfsup.config import TuneConfig  # noqa: E402
 from selfsup.data.arrays import Manifest  # noqa: E402
 from selfsup.errors import ConfigError  # noqa: E402
+from selfsup.params import Params  # noqa: E402
 from selfsup.sweep import PROBED, TrialResult, trial_params  # noqa: E402
 from selfsup.train.loop import PretrainSpec, train_loop  # noqa: E402
 from selfsup.train.monitor import KnnMonitor  # noqa: E402
@@ -60,7 +61,7 @@ def _trial(sampled: dict[str, Any], *, base: dict, manifest: Manifest, images: n
 
     import torch
 
-    from selfsup.config import load_params
+    from selfsup.params import load_params
 
     quiet_ray_train_worker()
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
@@ -71,8 +72,7 @@ def _trial(sampled: dict[str, Any], *, base: dict, manifest: Manifest, images: n
     if params.tune.metric == PROBED:  # the trial's own eval.linear, which the sweep may have sampled
         monitor = dataclasses.replace(monitor, linear=params.eval.linear)
     spec = PretrainSpec.from_params(params, manifest)
-    labels = monitor.train_labels if spec.uses_labels else None  # a sweep may sample method.name: supervised
-    train_loop(images, spec, TuneSession(device), monitor, labels)
+    train_loop(images, spec, TuneSession(device), monitor, monitor.train_labels)
 
 
 def search_space(config: TuneConfig) -> dict[str, Any]:

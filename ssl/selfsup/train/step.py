@@ -13,7 +13,7 @@ from torch import nn
 
 from selfsup.config import TrainConfig
 from selfsup.data.views import ViewSpec, make_views
-from selfsup.methods import TrainingProgress
+from selfsup.methods import Method, TrainingProgress
 from selfsup.models import Encoder
 
 
@@ -31,12 +31,10 @@ class TrainStep:
         views: list[ViewSpec],
         train: TrainConfig,
         device: torch.device,
-        method: nn.Module | None = None,
+        method: Method | None = None,
     ):
         self.model, self.optimizer, self.views = model, optimizer, views
-        method = method or model
-        self.after_backward = getattr(method, "after_backward", None)
-        self.after_step = getattr(method, "after_step", None)
+        self.method = method or model
         cuda = device.type == "cuda"
         self.channels_last = cuda  # faster convolutions on tensor cores; no gain on CPU
         if cuda:
@@ -51,7 +49,7 @@ class TrainStep:
         if train.compile:
             # The encoders (the student's and any EMA copy) hold nearly all the compute; compiling them in
             # place keeps every method's Python (queues, Sinkhorn, collectives) eager and the weights' names.
-            for module in method.modules():
+            for module in self.method.modules():
                 if isinstance(module, Encoder):
                     module.compile()
 
@@ -72,9 +70,7 @@ class TrainStep:
             loss, embeddings = self.model(views, **inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.after_backward:
-            self.after_backward(progress)
+        self.method.after_backward(progress)
         self.optimizer.step()
-        if self.after_step:
-            self.after_step(progress)
+        self.method.after_step(progress)
         return loss.detach(), embeddings
