@@ -1,5 +1,6 @@
-"""Stage `features`: frozen features of the pretrained encoder and of a random-init baseline, once, for every
-split of the prepared dataset (features/features.npz) and of the transfer target (features/transfer.npz)."""
+"""Stage `features`: frozen features of the pretrained encoder and of a random-init baseline (its BatchNorm
+statistics re-estimated on the training images), once, for every split of the prepared dataset
+(features/features.npz) and of the transfer target (features/transfer.npz)."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 
 from pipelines.common import ENCODER, FEATURES, PREPARED, TRANSFER, TRANSFER_FEATURES, read_params, run_stage
 from selfsup.data.arrays import Manifest, load_split
-from selfsup.eval.features import extract_features, save_features
+from selfsup.eval.features import extract_features, reestimate_batchnorm, save_features
 from selfsup.models import Encoder, load_encoder
 
 
@@ -16,9 +17,12 @@ def main() -> None:
     params = read_params()
     manifest = Manifest.read(PREPARED)
     encoder, _ = load_encoder(ENCODER)
-    # The baseline: the same architecture with the initial weights pretraining started from.
+    # The baseline: the same architecture with the initial weights pretraining started from, its BatchNorm
+    # statistics those of the training images (as the pretrained encoder's are).
     torch.manual_seed(params.train.seed)
     baseline = Encoder(params.model, manifest.mean, manifest.std, image_size=manifest.image_size[0])
+    train_images = load_split(PREPARED, "train").images
+    reestimate_batchnorm(baseline, train_images, params.eval.baseline_batchnorm_batches, params.eval.batch_size)
     for folder, out in ((PREPARED, FEATURES), (TRANSFER, TRANSFER_FEATURES)):
         dataset = Manifest.read(folder)
         arrays = _features_of_every_split(

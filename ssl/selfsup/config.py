@@ -209,6 +209,9 @@ class TransferConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(default=512, ge=1)  # feature extraction
+    # The random-init baseline's BatchNorm statistics are re-estimated on this many training batches (of
+    # batch_size) before any protocol scores it; 0 keeps the initialisation's (mean 0, variance 1).
+    baseline_batchnorm_batches: int = Field(default=20, ge=0)
     # Every evaluation that trains (linear probe, fine-tuning) runs once per seed: mean and spread are reported.
     seeds: Annotated[list[int], AfterValidator(_distinct_sorted)] = [0, 1, 2]
     knn: KnnConfig = KnnConfig()

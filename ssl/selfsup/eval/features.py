@@ -30,6 +30,41 @@ def extract_features(
     return torch.cat(chunks).numpy()
 
 
+@torch.no_grad()
+def reestimate_batchnorm(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batches: int,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Replace every BatchNorm's running statistics by those of `images` (uint8 N x H x W x 3): forward passes
+    in train mode, without gradient, over `batches` batches of a seeded random order (fewer when the images
+    run out), averaged with equal weight per batch. Returns the model in eval mode.
+
+    A random network keeps the statistics of initialisation (mean 0, variance 1), which mis-scale its
+    features; a fair random-init baseline normalises with its own activations' statistics, as a trained
+    network does with its training images'. With `batches` 0, or without BatchNorm (ViTs), nothing changes.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches == 0:
+        return model.eval()
+    model = model.to(device)
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: every batch counts the same
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: batches * batch_size]
+    model.train()
+    for start in range(0, len(order), batch_size):
+        batch = torch.as_tensor(images[order[start : start + batch_size].numpy()]).to(device)
+        model(to_float_images(batch))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return model.eval()
+
+
 def save_features(path: str | Path, **arrays: np.ndarray) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)

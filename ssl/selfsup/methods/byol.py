@@ -23,7 +23,7 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class BYOL(Method):
     name = "byol"
     min_batch = 2  # BatchNorm in the heads needs two images
-    lr = 0.03  # per 256 images (SGD). kNN on the digits: 0.3 89.1%, 0.1 93.3%, 0.03 95.3% (random init 94.4%)
+    lr = 0.03  # per 256 images (SGD); higher rates ended below random init on the digits (docs/methods.md)
 
     # What to change on a NaN loss or a collapse.
     advice = "raise method.byol.momentum (a slower target)"

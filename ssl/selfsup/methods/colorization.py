@@ -121,7 +121,7 @@ class Colorization(Method):
 
     advice = "lower train.lr"
     # On gray images (the digits) ab is 0 everywhere: a constant target teaches nothing, and through the pipeline
-    # shrank the digits' features below random init (kNN 78.0% against 92.8%). The stage refuses such data.
+    # left the digits' features below random init (docs/methods.md). The stage refuses such data.
     needs_colour = True
 
     class Knobs(MethodKnobs):

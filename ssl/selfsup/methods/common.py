@@ -91,3 +91,12 @@ def cross_view_cross_entropy(
         if v != a
     ]
     return sum(terms) / len(terms)
+
+
+def encode_then_head(
+    encoder: Callable[[torch.Tensor], torch.Tensor], head: nn.Module, views: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The encoder once per run of equal-sized views, then the head once over every view's features, as
+    SwAV's model and DINO's MultiCropWrapper do: the head's BatchNorm sees all the crops in one batch.
+    Returns one output per view."""
+    return list(head(torch.cat(forward_by_size(encoder, views))).chunk(len(views)))

@@ -10,16 +10,13 @@ contrastive term against other images, by `method.counting.contrast`:
   batch by the cosine to sum_j phi(T_j x), at a temperature (SimCLR's form of "another image differs");
 - `hinge`: the paper's, against one other image y (the next of the batch), per count dimension as the public
   reimplementation (clvrai/Representation-Learning-by-Learning-to-Count) has it: max(0, M - (phi_d(D y) -
-  sum_j phi_d(T_j x))^2). The paper's hinge over the squared norm (M = 10 over 1000 counts) killed the
-  counts at zero in the first epoch on the digits (the loss sat at M, where the hinge has no gradient).
+  sum_j phi_d(T_j x))^2). The paper's hinge over the squared norm killed the counts at zero on the digits
+  (the loss sat at M, where the hinge has no gradient).
 
-Two departures from the paper, both measured on the digits (80 epochs, test kNN / linear; random init 92.76
-/ 97.12) because the paper's form never beat random init here (about twenty variants, in the README):
-- D x comes from one augmented view and the tiles from another, so the count cannot be met by matching the
-  tiles' pixels to the image's; with one view the hinge gave 86.63 / 94.15, and InfoNCE 86.63 / 95.82 at 20.
-- The contrastive term is InfoNCE over the batch: with two views and the hinge, 85.24 / 98.05; with two
-  views and InfoNCE, 96.66 / 98.05 (CIFAR-10 at 3 epochs: 42.85 / 48.56 against 39.43 / 45.47). The
-  equality term is kept but adds nothing measured: without it 96.94 / 99.16, at weight 3 92.48 / 97.21.
+Two departures from the paper, because its form never beat random init on the digits (docs/methods.md, "Notes
+behind the code"): D x comes from one augmented view and the tiles from another, so the count cannot be met
+by matching the tiles' pixels to the image's; and the contrastive term is InfoNCE over the batch. The
+equality term is kept, as the method's definition, though it added nothing measured.
 
 Adapted to small images: the paper's 114 px tiles of 228 px images become 8 px of 16 px (16 of 32), and
 its 1000 counts on AlexNet `count_dim` (default 1000) on our backbones. Feeding the encoder its evaluation
@@ -78,7 +75,7 @@ class Counting(Method):
         count_dim: int = Field(default=1000, ge=1)
         head_hidden_dim: int = Field(default=1024, ge=1)
         contrast: Literal["info_nce", "hinge"] = "info_nce"  # against every other image | the paper's, one
-        temperature: float = Field(default=0.2, gt=0)  # info_nce (on CIFAR-10 at 3 epochs 0.5 lost 3.7 kNN)
+        temperature: float = Field(default=0.2, gt=0)  # info_nce; 0.5 did worse on CIFAR-10 (docs/methods.md)
         margin: float = Field(default=1.0, gt=0)  # hinge: M per count dimension (the paper's 10 is over the norm)
 
     views = staticmethod(two_views)  # D x from the first, the tiles from the second

@@ -14,7 +14,7 @@ from selfsup.methods.base import Method, TrainingProgress
 from selfsup.methods.common import (
     asymmetric_views,
     cross_view_cross_entropy,
-    forward_by_size,
+    encode_then_head,
     with_local_views,
 )
 from selfsup.models.ema import EMATeacher, cosine_momentum
@@ -105,8 +105,7 @@ class DINO(Method):
         )
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        features = forward_by_size(self.encoder, views)
-        bottleneck = [F.normalize(self.head.mlp(f).float(), dim=1) for f in features]
+        bottleneck = [F.normalize(b.float(), dim=1) for b in encode_then_head(self.encoder, self.head.mlp, views)]
         teacher = [t.float() for t in self.teacher(torch.cat(views[:2])).chunk(2)]  # global crops only
         with torch.autocast(bottleneck[0].device.type, enabled=False):  # sharp softmaxes need float32 (dino #58)
             student = [self.head.last_layer_scores(b) for b in bottleneck]

@@ -10,7 +10,7 @@ teacher finds in the whole image's feature map, over a vocabulary of the teacher
 - Student: the encoder's pooled features f of each crop. The dynamic head generates each word's weight vector
   from the vocabulary itself (L2-normalise, Linear, BatchNorm over the words, ReLU, Linear, L2-normalise), so
   it follows the vocabulary as it changes, and scores kappa f . w_k; the loss is the KL divergence from the
-  target, averaged over crops.
+  target, averaged over the crops of a type (the two crops; the local crops) and summed over the types.
 
 Adapted to small images: the teacher sees the whole image, flipped as `views.flip_prob` says, with no colour
 change (OBoW: a 224 px centre crop of 256); the student two crops at the image's side with the pipeline's
@@ -67,6 +67,19 @@ def sampled_local_features(features: torch.Tensor) -> torch.Tensor:
     pooled = F.avg_pool2d(features, kernel_size=min(3, *features.shape[2:]), stride=1).flatten(2)
     pick = randint_per_image(pooled.shape[2], pooled.shape[0], features.device)
     return pooled[torch.arange(pooled.shape[0], device=features.device), :, pick]
+
+
+def bow_prediction_loss(
+    global_crops: list[torch.Tensor], local_crops: list[torch.Tensor], targets: torch.Tensor
+) -> torch.Tensor:
+    """KL divergence of the students' BoW log-probabilities from the teacher's bags: the mean over each crop
+    type's crops, summed over the types (valeoai/obow sums one loss per type), so local crops weigh as one
+    type whatever their number."""
+
+    def mean_over(crops: list[torch.Tensor]) -> torch.Tensor:
+        return sum(F.kl_div(c, targets, reduction="batchmean") for c in crops) / len(crops)
+
+    return mean_over(global_crops) + (mean_over(local_crops) if local_crops else 0)
 
 
 class DynamicBoWHead(nn.Module):
@@ -134,10 +147,8 @@ class OBoW(Method):
                 squared = squared_distances(teacher_map, words)
                 self.track_distance(min_distance(squared))
                 targets = bow_targets(soft_codes(squared, self.knobs.inverse_delta / self.mean_min_distance))
-            loss = sum(
-                F.kl_div(F.log_softmax(self.head(f.float(), words), dim=1), targets, reduction="batchmean")
-                for f in crops
-            ) / len(crops)
+            logits = [F.log_softmax(self.head(f.float(), words), dim=1) for f in crops]
+            loss = bow_prediction_loss(logits[:2], logits[2:], targets)
         self._sampled = sampled_local_features(teacher_map)
         return loss, crops[0].detach().float()
 

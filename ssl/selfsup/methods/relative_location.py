@@ -18,8 +18,8 @@ otherwise give the position away). The paper's random down- and up-sampling of p
 Adapted to small images (tiles.py): 4 px tiles in 5 px cells at 16 px (1 px of jitter), 8 px in 10 px at
 32 px (2 px), fed to the encoder at `tile_size` 8 (as BF3S resizes mini-ImageNet to 96 px for its 24 px
 patches): upsampled 2x at 16 px, where the small CNN's two max-pools then leave a 2x2 map; at 32 px their
-own side. On the digits' val split (80 epochs, lr 0.03) 8 px beat tiles upsampled to 16 (kNN 96.50 against
-89.51%, linear 97.44 against 96.97%), at a quarter of the cost.
+own side. On the digits' val split 8 px beat tiles upsampled to 16 on both protocols, at a quarter of the
+cost (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def centre_and_neighbour(tiles: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 class RelativeLocation(Method):
     name = "relative_location"
     min_batch = 2  # BatchNorm in the head needs two images
-    # Per 256 images (SGD). mmselfsup's (0.2 at batch 512) left the encoder below random init on the digits (kNN
-    # 89.97%, linear 96.10% test), 0.03 on the linear probe (95.91%); at 0.01 it is above on both.
+    # Per 256 images (SGD). mmselfsup's (0.2 at batch 512), and 0.03 on the linear probe, left the encoder below
+    # random init on the digits; at 0.01 it is above on both protocols (docs/methods.md).
     lr = 0.01
 
     advice = "lower train.lr"

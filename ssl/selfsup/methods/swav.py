@@ -13,7 +13,7 @@ from selfsup.distributed import all_reduce_sum
 from selfsup.methods.base import Method, TrainingProgress
 from selfsup.methods.common import (
     cross_view_cross_entropy,
-    forward_by_size,
+    encode_then_head,
     two_views,
     with_local_views,
 )
@@ -72,7 +72,7 @@ class SwAV(Method):
         self.normalize_prototypes()
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        z = [F.normalize(self.projector(f).float(), dim=1) for f in forward_by_size(self.encoder, views)]
+        z = [F.normalize(p.float(), dim=1) for p in encode_then_head(self.encoder, self.projector, views)]
         with torch.autocast(z[0].device.type, enabled=False):  # exp(s / 0.05) overflows bf16 (swav NaNs)
             scores = [self.prototypes(view) for view in z]
             codes = [sinkhorn(s, self.knobs.epsilon, self.knobs.sinkhorn_iterations) for s in scores[:2]]

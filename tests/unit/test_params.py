@@ -15,8 +15,8 @@ from selfsup.config import DataConfig, ScalingConfig, ViewConfig
 from selfsup.errors import ConfigError
 from selfsup.methods import METHODS
 from selfsup.params import ADAMW_LR, Params, learning_rate, load_params
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pipelines` is imported from the repo root (python -m pytest adds it too)
     sys.path.insert(0, str(ROOT))
 

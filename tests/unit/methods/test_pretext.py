@@ -9,7 +9,7 @@ from selfsup.methods import build_method
 from selfsup.methods.inpainting import inpainting_loss, region_masks
 from selfsup.methods.rotation import rotated
 from selfsup.params import load_params
-from tests.test_method_losses import TinyEncoder
+from tests.unit.methods.test_method_losses import TinyEncoder
 
 
 def corner_image(n: int = 1, side: int = 5) -> torch.Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +22,8 @@ from selfsup.data.views import (
     to_float_images,
     view_generator,
 )
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 IDENTITY = ViewConfig(crop_scale=(1.0, 1.0), flip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=0, solarize_prob=0)
 # Every augmentation but blur; WITH_BLUR adds it.
 EVERYTHING = ViewConfig(

@@ -14,7 +14,7 @@ from selfsup.methods.base import TrainingProgress
 from selfsup.methods.exemplar import instance_logits
 from selfsup.params import load_params
 from selfsup.train.loop import LocalSession, PretrainSpec, build_model, train_loop
-from tests.test_method_losses import TinyEncoder
+from tests.unit.methods.test_method_losses import TinyEncoder
 
 PROGRESS = TrainingProgress(step=0, total_steps=1, steps_per_epoch=1)
 

@@ -23,7 +23,7 @@ from selfsup.train.loop import PretrainSpec, build_model
 from selfsup.train.optim import build_optimizer
 from selfsup.train.step import TrainStep
 from tests.conftest import TEST_IMAGES, method_inputs
-from tests.test_method_losses import SMALL_KNOBS, TinyEncoder
+from tests.unit.methods.test_method_losses import SMALL_KNOBS, TinyEncoder
 
 WORLD = 2
 TIMEOUT_S = 60

@@ -17,7 +17,7 @@ import yaml
 
 from selfsup.methods import METHODS
 from tests.conftest import TINY_PARAMS, changed_params, run
-from tests.test_methods_training import SMALL_KNOBS
+from tests.unit.methods.test_training import SMALL_KNOBS
 
 pytestmark = pytest.mark.slow
 STAGES = [
@@ -30,6 +30,7 @@ STAGES = [
     "eval_linear",
     "eval_semisup",
     "eval_transfer",
+    "summary",
     "register",
 ]
 PROTOCOLS = ("knn", "linear", "semisup", "transfer")

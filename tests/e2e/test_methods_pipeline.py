@@ -18,7 +18,7 @@ import yaml
 
 from selfsup.methods import METHODS
 from tests.conftest import ROOT
-from tests.test_methods_training import SMALL_KNOBS
+from tests.unit.methods.test_training import SMALL_KNOBS
 
 pytestmark = pytest.mark.slow
 

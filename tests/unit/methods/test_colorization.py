@@ -23,7 +23,7 @@ from selfsup.methods.colorization import (
     soft_encode,
 )
 from selfsup.models import Encoder
-from tests.test_method_losses import TinyEncoder
+from tests.unit.methods.test_method_losses import TinyEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 

@@ -16,7 +16,7 @@ from selfsup.methods import METHODS, build_method, uses_labels
 from selfsup.methods.supervised import LabelledLoss
 from selfsup.params import load_params
 from selfsup.train.loop import LocalSession, PretrainSpec, train_loop
-from tests.test_method_losses import SMALL_KNOBS, TinyEncoder, declared_views
+from tests.unit.methods.test_method_losses import SMALL_KNOBS, TinyEncoder, declared_views
 
 
 def params_for(name: str, **train):

@@ -14,7 +14,7 @@ from selfsup.models import BACKBONE_BUILDERS, Encoder
 from selfsup.params import load_params
 from selfsup.train.loop import PretrainSpec, single_process_step
 from tests.conftest import TEST_IMAGES, method_inputs
-from tests.test_methods_training import SMALL_KNOBS
+from tests.unit.methods.test_training import SMALL_KNOBS
 
 CPU = torch.device("cpu")
 IMAGE_SIZE = 16  # ViTs: patch 4 gives 16 tokens

@@ -15,7 +15,7 @@ from selfsup.methods.jigsaw import Jigsaw, max_avg_permutations, shuffled
 from selfsup.methods.relative_location import NEIGHBOURS, RelativeLocation, centre_and_neighbour
 from selfsup.methods.tiles import CELLS, Grid, cut_tiles, grid_for, jittered_tiles, random_offsets
 from selfsup.models import Encoder
-from tests.test_method_losses import TinyEncoder
+from tests.unit.methods.test_method_losses import TinyEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 

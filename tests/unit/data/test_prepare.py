@@ -14,8 +14,9 @@ from selfsup.config import DataConfig
 from selfsup.data.arrays import MANIFEST, Manifest, file_sha256, load_split
 from selfsup.data.sources import prepare_dataset, stratified_split
 from selfsup.errors import DatasetError
+from tests.conftest import ROOT
 
-CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
+CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Distinct flat colours per class, so a decoded PNG's class can be read from its pixels.
 COLOURS = {"apple": (200, 30, 30), "banana": (230, 220, 40), "cherry": (120, 10, 60)}

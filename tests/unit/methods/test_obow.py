@@ -3,6 +3,7 @@ teacher's local features, the head is generated from the vocabulary, and the tea
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,7 @@ from selfsup.methods import build_method, method_views
 from selfsup.methods.base import TrainingProgress
 from selfsup.methods.obow import (
     DynamicBoWHead,
+    bow_prediction_loss,
     bow_targets,
     inner_map,
     min_distance,
@@ -18,7 +20,7 @@ from selfsup.methods.obow import (
     squared_distances,
 )
 from selfsup.params import load_params
-from tests.test_method_losses import TinyEncoder
+from tests.unit.methods.test_method_losses import TinyEncoder
 
 PROGRESS = TrainingProgress(step=0, total_steps=10, steps_per_epoch=1)
 
@@ -127,3 +129,42 @@ def test_obow_lowers_its_loss_on_a_batch():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def reference_obow_loss(logits_by_type: list[list[torch.Tensor]], targets: torch.Tensor) -> torch.Tensor:
+    """valeoai/obow: per crop type, the crops stacked into one batch and one mean cross-entropy to the bag;
+    the types' losses summed (`losses.sum()` in its train_step). Less the targets' entropy, which is constant."""
+    total = 0
+    for crops in logits_by_type:
+        stacked = torch.cat([F.log_softmax(c, dim=1) for c in crops])
+        cross_entropy = -(targets.repeat(len(crops), 1) * stacked).sum(1).mean()
+        entropy = -(targets * targets.clamp(min=1e-30).log()).sum(1).mean()
+        total = total + cross_entropy - entropy
+    return total
+
+
+@pytest.mark.parametrize("local", [0, 2, 5])
+def test_the_loss_is_one_mean_per_crop_type_summed_as_the_reference(local):
+    generator = torch.Generator().manual_seed(local)
+    targets = F.normalize(torch.rand(4, 6, generator=generator), p=1, dim=1)
+    logits = [torch.randn(4, 6, generator=generator, dtype=torch.float64).requires_grad_() for _ in range(2 + local)]
+    ours = bow_prediction_loss(
+        [F.log_softmax(x, dim=1) for x in logits[:2]], [F.log_softmax(x, dim=1) for x in logits[2:]], targets.double()
+    )
+    types = [logits[:2]] + ([logits[2:]] if local else [])
+    theirs = reference_obow_loss(types, targets.double())
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits), torch.autograd.grad(theirs, logits))
+
+
+def test_local_crops_weigh_as_one_type_whatever_their_number():
+    targets = F.normalize(torch.rand(4, 6), p=1, dim=1)
+    same = F.log_softmax(torch.randn(4, 6), dim=1)
+    two, five = (
+        bow_prediction_loss([same, same], [same] * 2, targets),
+        bow_prediction_loss([same, same], [same] * 5, targets),
+    )
+    torch.testing.assert_close(two, five)
+    torch.testing.assert_close(
+        two, 2 * bow_prediction_loss([same, same], [], targets)
+    )  # the 2+2 gradient is twice 2+0's

@@ -1,0 +1,37 @@
+"""Stage `summary`: every protocol's headline on test in one short file, metrics/summary.json, so that
+`dvc metrics show metrics/summary.json` fits a terminal: top-1 of the pretrained encoder beside its random-init
+baseline's (`_init`) for kNN (the champion metric's k), the linear probe, fine-tuning on the smallest label
+fraction, and the linear probe on the transfer target. The detailed files stay beside it."""
+
+import json
+
+from pipelines.common import METRICS, read_params, run_stage, write_json
+
+
+def main() -> None:
+    params = read_params()
+    knn, linear, semisup, transfer = (
+        json.loads((METRICS / f"eval_{protocol}.json").read_text())
+        for protocol in ("knn", "linear", "semisup", "transfer")
+    )
+    champion = params.mlflow.champion_metric
+    k = champion.removeprefix("knn_k").removesuffix("_top1") if champion.startswith("knn_") else params.eval.knn.k[0]
+    smallest = min(semisup, key=lambda key: float(key.removesuffix("pct")))
+    pairs = {
+        f"knn{k}": knn["test"][f"k{k}"],
+        "linear": {name: score["mean"] for name, score in linear["test"].items()},
+        smallest: {name: score["mean"] for name, score in semisup[smallest]["test"].items()},
+        "transfer": {name: score["mean"] for name, score in transfer["linear"].items()},
+    }
+    summary = {}
+    for name, scores in pairs.items():
+        summary[name], summary[f"{name}_init"] = scores["top1"], scores["baseline_top1"]
+    write_json(METRICS / "summary.json", summary)
+    print(
+        "test top-1, pretrained (random init): "
+        + ", ".join(f"{n} {s['top1']:.2%} ({s['baseline_top1']:.2%})" for n, s in pairs.items())
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
