@@ -209,14 +209,17 @@ def test_an_experiment_switching_the_method_reruns_pretrain_and_what_follows_onl
 
 
 def test_an_encoder_with_random_weights_is_reported_no_better_than_its_baseline(pipeline_repo):
-    """The evaluations report what they measure: the random-init encoder itself scores exactly its baseline."""
+    """The evaluations report what they measure: the random-init encoder itself, its BatchNorm statistics
+    re-estimated on the training images as the baseline's are, scores exactly its baseline."""
     repo, env = pipeline_repo
     # The stages' own code, in one process (`dvc repro` would restore the pretrained encoder from its cache).
     script = (
-        "import torch; from pipelines.common import *; from selfsup.data.arrays import Manifest; "
+        "import torch; from pipelines.common import *; from selfsup.data.arrays import Manifest, load_split; "
+        "from selfsup.eval.features import reestimate_batchnorm; "
         "from selfsup.models import Encoder, save_encoder; p = read_params(); m = Manifest.read(PREPARED); "
-        "torch.manual_seed(p.train.seed); "
-        "save_encoder(Encoder(p.model, m.mean, m.std, image_size=16), ENCODER, m.image_size); "
+        "torch.manual_seed(p.train.seed); e = Encoder(p.model, m.mean, m.std, image_size=16); "
+        "reestimate_batchnorm(e, load_split(PREPARED, 'train').images, p.eval.baseline_batchnorm_batches, "
+        "p.eval.batch_size); save_encoder(e, ENCODER, m.image_size); "
         "from pipelines import features, eval_knn, eval_linear; features.main(); eval_knn.main(); eval_linear.main()"
     )
     result = run(["python", "-c", script], repo, env)

@@ -41,7 +41,7 @@ class MoCo(Method):
         momentum: float = Field(default=0.99, ge=0, le=1)  # key encoder's EMA, constant (v2 on ImageNet: 0.999)
         projection_hidden_dim: int = Field(default=2048, ge=1)
         projection_dim: int = Field(default=128, ge=1)
-        symmetric: bool = True  # both views query, the two losses summed (the demo's; +3 points of kNN there)
+        symmetric: bool = True  # both views query, the two losses summed (the demo's)
 
     views = staticmethod(two_views)
 

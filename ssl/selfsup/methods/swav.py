@@ -42,7 +42,7 @@ def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor
 class SwAV(Method):
     name = "swav"
     min_batch = 2  # BatchNorm in the head needs two images
-    lr = 0.3  # per 256 images (SGD): the digits' kNN 97.2% (random init 94.4%)
+    lr = 0.3  # per 256 images (SGD), as SimCLR's: chosen on the digits' val split (docs/methods.md)
 
     # What to change on a NaN loss or a collapse.
     advice = "lower method.swav.epsilon (0.03) or raise method.swav.freeze_prototypes_epochs"
