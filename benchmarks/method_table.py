@@ -3,7 +3,7 @@
 Clones the repository (committed HEAD, or with --working-tree the files as they are now) into a
 temporary folder, applies the overrides (`--set key=value`, repeatable) to its params.yaml, then runs
 `dvc exp run eval_knn eval_linear -S method.name=NAME` there for each method, one after the other, as a
-user would. Prints a Markdown table (the README's) and writes the figures as JSON.
+user would. Prints a Markdown table (docs/methods.md's) and writes the figures as JSON.
 
     python benchmarks/method_table.py               # the embedded digits, all 16 methods, ~45 min on 2 cores
     python benchmarks/method_table.py --methods simclr moco --set train.epochs=5
