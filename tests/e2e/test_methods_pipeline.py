@@ -28,7 +28,7 @@ import numpy as np, ray, ray.train, torch, yaml
 from ray.train.torch import TorchTrainer
 from selfsup.params import load_params
 from selfsup.data.sources import resize_square
-from selfsup.train.loop import PretrainSpec, train_loop
+from selfsup.train.loop import PretrainSpec, build_model, train_loop
 from selfsup.train.ray_trainer import RaySession, connect_ray, quiet_ray_train_worker
 from sklearn.datasets import load_digits
 
@@ -41,10 +41,14 @@ def every_method(config):
     torch.set_num_threads(2)
     losses = {}
     for name, spec in config["specs"].items():
-        labels = config["labels"] if spec.uses_labels else None  # the supervised reference alone
-        state = train_loop(config["images"], spec, FreshSession(use_gpu=False), labels=labels)
+        initial = build_model(spec, num_images=len(config["images"])).encoder.state_dict()
+        # Every method is handed the labels: the loop alone decides that only the supervised reference reads them.
+        state = train_loop(config["images"], spec, FreshSession(use_gpu=False), labels=config["labels"])
+        final = {k.removeprefix("encoder."): v for k, v in state["method"].items() if k.startswith("encoder.")}
+        moved = max(float((final[k] - v).abs().max()) for k, v in initial.items() if v.is_floating_point())
         losses[name] = {"epochs": len(state["history"]), "loss": state["history"][-1]["loss"],
-                        "encoder_keys": sum(k.startswith("encoder.") for k in state["method"])}
+                        "std": state["history"][-1]["embedding_std"], "same_keys": final.keys() == initial.keys(),
+                        "encoder_moved": moved}
     return losses
 
 raw = yaml.safe_load(open("params.yaml"))
@@ -84,8 +88,10 @@ def test_every_method_pretrains_through_ray_train_with_its_params(shared_ray_add
     losses = json.loads(result.stdout.split("RESULT ")[1])
     assert losses.keys() == METHODS.keys()
     for name, outcome in losses.items():
-        assert outcome["epochs"] == 1 and outcome["encoder_keys"] > 0, name
+        assert outcome["epochs"] == 1 and outcome["same_keys"], (name, outcome)  # the encoder, whole, is saved
         assert outcome["loss"] == outcome["loss"] and abs(outcome["loss"]) < 1e6, (name, outcome)  # finite
+        assert outcome["encoder_moved"] > 1e-4, (name, outcome)  # the method's loss trained the encoder
+        assert outcome["std"] > 0.01, (name, outcome)  # its embeddings did not collapse to a point in the epoch
 
 
 def test_params_yaml_holds_a_section_for_every_method():

@@ -34,6 +34,10 @@ def test_throughput_reports_all_three_figures(tmp_path):
     figures = json.loads(report.read_text())["variants"]["eager fp32"]
     for key in ("model_alone", "ours", "torchvision", "ours_over_model_alone", "ours_over_torchvision"):
         assert isinstance(figures[key], float) and figures[key] > 0, (key, figures)
+    # The ratios are the figures' own, and the table prints the JSON's numbers.
+    assert figures["ours_over_model_alone"] == pytest.approx(figures["ours"] / figures["model_alone"], abs=1e-3)
+    assert figures["ours_over_torchvision"] == pytest.approx(figures["ours"] / figures["torchvision"], abs=1e-3)
+    assert f"{figures['ours_over_model_alone']:.2f}" in output
 
 
 @pytest.mark.slow
@@ -45,7 +49,10 @@ def test_ray_overhead_reports_a_ratio(tmp_path, shared_ray_address):
     assert "ratio ray / bare" in output
     result = json.loads(report.read_text())
     assert isinstance(result["ratio_ray_over_bare"], float) and result["ratio_ray_over_bare"] > 0
-    assert result["fit_startup_s"] > 0
+    ratio = result["ray_steps_per_s"] / result["bare_steps_per_s"]
+    assert result["ratio_ray_over_bare"] == pytest.approx(ratio, abs=2e-3)
+    assert result["bare_steps_per_s"] == pytest.approx(sum(result["bare_before_after_steps_per_s"]) / 2, abs=2e-3)
+    assert 0 < result["fit_startup_s"] <= result["fit_to_first_timed_step_s"] <= result["fit_total_s"]
 
 
 def test_method_speed_times_every_method_beside_simclr(tmp_path):
@@ -58,3 +65,8 @@ def test_method_speed_times_every_method_beside_simclr(tmp_path):
     figures = json.loads(report.read_text())["images_per_s"]
     assert figures.keys() == METHODS.keys()
     assert all(isinstance(f["eager fp32"], float) and f["eager fp32"] > 0 for f in figures.values())
+    # Each row prints the method's images/s and its ratio to SimCLR's, from the same figures as the JSON.
+    simclr = figures["simclr"]["eager fp32"]
+    for method, f in figures.items():
+        row = next(line for line in output.splitlines() if line.startswith(f"{method} "))
+        assert row.split()[1:] == [f"{f['eager fp32']:,.1f}", f"{f['eager fp32'] / simclr:.2f}"], row
