@@ -142,9 +142,9 @@ def method_inputs(step: TrainStep, batch: torch.Tensor, generator: torch.Generat
     """What the loop hands the methods that take more than views: random labels of 10 classes to the supervised
     reference (the time is what is measured), the batch's indices to Exemplar-CNN."""
     inputs = {}
-    if getattr(step.model, "uses_labels", False):
+    if step.method.uses_labels:
         inputs["labels"] = torch.randint(10, batch.shape, device=batch.device, generator=generator)
-    if getattr(step.model, "uses_indices", False):
+    if step.method.uses_indices:
         inputs["indices"] = batch
     return inputs
 

@@ -212,9 +212,9 @@ def method_inputs(name: str, count: int, num_classes: int = 10) -> dict:
     from selfsup.methods import METHODS
 
     inputs = {}
-    if getattr(METHODS[name], "uses_labels", False):
+    if METHODS[name].uses_labels:
         inputs["labels"] = torch.arange(count) % num_classes
-    if getattr(METHODS[name], "uses_indices", False):
+    if METHODS[name].uses_indices:
         inputs["indices"] = torch.arange(count)
     return inputs
 

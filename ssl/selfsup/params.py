@@ -74,7 +74,10 @@ class Params(_Section):
     @field_validator("method", mode="before")
     @classmethod
     def _method_sections(cls, value: Any) -> Any:
-        return value if isinstance(value, MethodConfig) else method_model().model_validate(value)
+        if isinstance(value, method_model()):
+            return value
+        raw = value.model_dump() if isinstance(value, MethodConfig) else value
+        return method_model().model_validate(raw)
 
     views: ViewConfig = ViewConfig()
     train: TrainConfig = TrainConfig()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from selfsup.config import DataConfig, ScalingConfig, ViewConfig
 from selfsup.errors import ConfigError
@@ -327,3 +328,12 @@ finally:
     too_many, no_gpu = errors
     assert "scaling.num_workers=64" in too_many and "CPU" in too_many
     assert "GPU" in no_gpu and "scaling.use_gpu: false" in no_gpu
+
+
+def test_a_method_section_built_elsewhere_is_validated_again():
+    from selfsup.config import MethodConfig
+    from selfsup.params import Params
+
+    with pytest.raises(ValidationError, match="unknown method"):
+        Params(method=MethodConfig(name="nope"))
+    assert Params(method=MethodConfig(name="byol")).method.knobs.momentum == 0.99  # its own section, defaulted

@@ -36,12 +36,13 @@ def reestimate_batchnorm(
     images: np.ndarray,
     batches: int,
     batch_size: int = 512,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     seed: int = 0,
 ) -> torch.nn.Module:
     """Replace every BatchNorm's running statistics by those of `images` (uint8 N x H x W x 3): forward passes
-    in train mode, without gradient, over `batches` batches of a seeded random order (fewer when the images
-    run out), averaged with equal weight per batch. Returns the model in eval mode.
+    in train mode, without gradient, over `batches` batches of a seeded random order (fewer when the images run
+    out), each batch's statistics weighted by its size. Returns the model in eval mode, on `device` (None: where
+    it is).
 
     A random network keeps the statistics of initialisation (mean 0, variance 1), which mis-scale its
     features; a fair random-init baseline normalises with its own activations' statistics, as a trained
@@ -49,17 +50,23 @@ def reestimate_batchnorm(
     """
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms or batches == 0:
-        return model.eval()
-    model = model.to(device)
+        return model.eval() if device is None else model.eval().to(device)
+    model = model.to(device) if device is not None else model
+    device = next(model.parameters()).device
     momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average: every batch counts the same
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: batches * batch_size]
+    if len(order) % batch_size == 1 and len(order) > 1:
+        order = order[:-1]  # a last batch of one image has no batch statistics
     model.train()
+    seen = 0
     for start in range(0, len(order), batch_size):
         batch = torch.as_tensor(images[order[start : start + batch_size].numpy()]).to(device)
+        for norm in norms:  # running <- the mean over every image so far: this batch weighs len(batch) / seen
+            norm.momentum = len(batch) / (seen + len(batch))
         model(to_float_images(batch))
+        seen += len(batch)
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     return model.eval()

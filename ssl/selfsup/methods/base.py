@@ -86,7 +86,7 @@ class Method(nn.Module):
                 f"{', '.join(REQUIRED)} (see selfsup.methods.base)"
             )
         problems = []
-        if not (isinstance(cls.name, str) and cls.name.isidentifier()):
+        if not (isinstance(cls.name, str) and cls.name.isidentifier() and cls.name.islower()):
             problems.append(f"name={cls.name!r} must be a lowercase identifier (it is a params.yaml key)")
         if not (isinstance(cls.Knobs, type) and issubclass(cls.Knobs, MethodKnobs)):
             problems.append("Knobs must subclass selfsup.config.MethodKnobs")
@@ -94,6 +94,8 @@ class Method(nn.Module):
             problems.append(f"min_batch={cls.min_batch!r} must be an int >= 1")
         if not (isinstance(cls.lr, int | float) and cls.lr > 0):
             problems.append(f"lr={cls.lr!r} must be a number > 0")
+        if not (isinstance(cls.advice, str) and cls.advice):
+            problems.append("advice must say, in words, what to change on a NaN loss or a collapse")
         if not callable(cls.views):
             problems.append("views must be a staticmethod (knobs, views, image_size) -> list[ViewSpec]")
         if problems:

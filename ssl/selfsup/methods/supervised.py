@@ -46,8 +46,10 @@ class LabelledLoss(Method, abstract=True):
     """Any method plus `weight` x the cross-entropy of a linear head on the encoder's features of its first view.
 
     With weight 0 it is never built (the loop trains the plain method). It is not a method of its own: it
-    wraps one, and passes the method's hooks through.
+    wraps one (`.method`, whose declarations stand, indices included), and passes the method's hooks through.
     """
+
+    uses_labels = True
 
     def __init__(self, method: Method, num_classes: int, weight: float):
         super().__init__()

@@ -53,10 +53,10 @@ def test_reestimated_statistics_equal_the_training_images_batch_statistics():
     assert not model.training
 
 
-def test_several_batches_average_to_the_whole_sets_mean():
-    data = images(96)
+def test_batches_of_any_size_average_to_the_whole_sets_mean():
+    data = images(100)
     model = encoder()
-    reestimate_batchnorm(model, data, batches=3, batch_size=32)  # every image once, equal batches
+    reestimate_batchnorm(model, data, batches=4, batch_size=32)  # every image once: 32 + 32 + 32 + 4
     expected = batch_statistics_of_a_forward_pass(encoder(), data)
     first = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     torch.testing.assert_close(first.running_mean, expected[0][0], rtol=1e-4, atol=1e-5)
@@ -76,3 +76,10 @@ def test_zero_batches_keeps_the_initialisation():
     norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
     assert torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+
+
+def test_a_network_without_batchnorm_is_left_as_it_is():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16 * 3, 4), nn.LayerNorm(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert reestimate_batchnorm(model, images(), batches=2, batch_size=32) is model and not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -42,7 +42,13 @@ def test_a_missing_declaration_fails_at_definition_naming_it(missing):
 
 @pytest.mark.parametrize(
     "bad, named",
-    [({"lr": 0}, "lr=0"), ({"min_batch": 0}, "min_batch=0"), ({"name": "two words"}, "name='two words'")],
+    [
+        ({"lr": 0}, "lr=0"),
+        ({"min_batch": 0}, "min_batch=0"),
+        ({"name": "two words"}, "name='two words'"),
+        ({"name": "SimCLR"}, "name='SimCLR' must be a lowercase identifier"),
+        ({"advice": ""}, "advice must say"),
+    ],
 )
 def test_a_bad_declaration_fails_at_definition_naming_it(bad, named):
     with pytest.raises(TypeError, match=named):

@@ -3,7 +3,7 @@ gradients; then the mechanisms around the losses: EMA teachers, MoCo's queue, Sw
 DINO's frozen last layer, centre and temperature warm-up, SimSiam's stop-gradient and fixed-LR predictor, and
 a forward/backward of every method on the views it declares.
 
-SimCLR's NT-Xent is checked in tests/test_losses.py and not repeated here.
+SimCLR's NT-Xent is checked in tests/unit/methods/test_losses.py and not repeated here.
 """
 
 from __future__ import annotations
@@ -640,9 +640,8 @@ def test_each_method_runs_forward_and_backward_on_its_declared_views(name: str) 
     gradient = method.encoder.net[0].weight.grad
     assert gradient is not None and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
     progress = TrainingProgress(step=0, total_steps=2, steps_per_epoch=1)
-    for hook in ("after_backward", "after_step"):  # the loop's hooks run on this state too
-        if hasattr(method, hook):
-            getattr(method, hook)(progress)
+    method.after_backward(progress)  # the loop's hooks run on this state too
+    method.after_step(progress)
 
 
 @pytest.mark.parametrize("name", ["swav", "dino"])

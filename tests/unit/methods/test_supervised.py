@@ -98,3 +98,28 @@ def test_the_supervised_reference_and_the_labelled_term_learn_from_the_labels(la
     assert losses[-1] < 0.6 * losses[0], losses  # cross-entropy from log(10) = 2.3 down
     weighted = train_loop(images, spec_for(manifest, "simclr", label_loss_weight=1.0), LocalSession(), labels=labels)
     assert any(key.startswith("head.") for key in weighted["method"])  # the labelled head trained beside it
+
+
+def test_the_labelled_term_passes_the_wrapped_methods_hooks_through():
+    from selfsup.methods.base import TrainingProgress
+
+    progress = TrainingProgress(step=0, total_steps=4, steps_per_epoch=2)
+    # BYOL: after_step moves the EMA teacher, through the wrapper.
+    torch.manual_seed(0)
+    byol = build_method(TinyEncoder(), params_for("byol").method, num_classes=10, label_loss_weight=0.5)
+    assert isinstance(byol, LabelledLoss)
+    with torch.no_grad():
+        byol.method.encoder.net[0].weight.add_(1.0)
+    before = byol.method.teacher.encoder.net[0].weight.clone()
+    byol.after_step(progress)
+    assert not torch.equal(before, byol.method.teacher.encoder.net[0].weight)
+    # SimSiam: the predictor kept at a fixed learning rate, through the wrapper.
+    simsiam = build_method(TinyEncoder(), params_for("simsiam").method, num_classes=10, label_loss_weight=0.5)
+    assert {id(p) for p in simsiam.fixed_lr_parameters()} == {id(p) for p in simsiam.method.predictor.parameters()}
+    # SwAV: after_backward freezes the prototypes early on, through the wrapper.
+    swav = build_method(TinyEncoder(), params_for("swav").method, num_classes=10, label_loss_weight=0.5)
+    loss, _ = swav(declared_views("swav"), labels=torch.arange(4) % 10)
+    loss.backward()
+    assert swav.method.prototypes.weight.grad is not None
+    swav.after_backward(progress)
+    assert swav.method.prototypes.weight.grad is None
