@@ -58,9 +58,12 @@ def log_to_encoder_run(params: Params, protocol: str, metrics: dict, pictures: l
     log_evaluation(params.mlflow, ROOT, file_sha256(ENCODER), metric_values(metrics, protocol + "."), list(pictures))
 
 
+def champion_knn_k(name: str) -> int | None:
+    """mlflow.champion_metric's k: "knn_k20_top1" -> 20; None for "linear_top1"."""
+    return int(name.removeprefix("knn_k").removesuffix("_top1")) if name.startswith("knn_k") else None
+
+
 def champion_metric_key(name: str) -> str:
     """mlflow.champion_metric -> the validation metric it names (the champion is never chosen on test)."""
-    if name == "linear_top1":
-        return "linear.val.top1.mean"
-    k = name.removeprefix("knn_k").removesuffix("_top1")
-    return f"knn.val.k{k}.top1"
+    k = champion_knn_k(name)
+    return "linear.val.top1.mean" if k is None else f"knn.val.k{k}.top1"

@@ -5,7 +5,7 @@ fraction, and the linear probe on the transfer target. The detailed files stay b
 
 import json
 
-from pipelines.common import METRICS, read_params, run_stage, write_json
+from pipelines.common import METRICS, champion_knn_k, read_params, run_stage, write_json
 
 
 def main() -> None:
@@ -14,8 +14,7 @@ def main() -> None:
         json.loads((METRICS / f"eval_{protocol}.json").read_text())
         for protocol in ("knn", "linear", "semisup", "transfer")
     )
-    champion = params.mlflow.champion_metric
-    k = champion.removeprefix("knn_k").removesuffix("_top1") if champion.startswith("knn_") else params.eval.knn.k[0]
+    k = champion_knn_k(params.mlflow.champion_metric) or params.eval.knn.k[0]
     smallest = min(semisup, key=lambda key: float(key.removesuffix("pct")))
     pairs = {
         f"knn{k}": knn["test"][f"k{k}"],

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from selfsup.dotted import flatten
 from selfsup.methods import METHODS
 from tests.conftest import TINY_PARAMS, changed_params, run
 from tests.unit.methods.test_training import SMALL_KNOBS
@@ -37,19 +38,8 @@ PROTOCOLS = ("knn", "linear", "semisup", "transfer")
 PICTURES = ("pretrain.png", "retrieval.png", "embedding_map.png", "confusion.png", "label_fraction.png")
 
 
-def dotted(params: dict, prefix: str = "") -> list[str]:
-    """{"train": {"epochs": 2}} -> ["train.epochs=2"]: params as `dvc exp run -S` takes them."""
-    pairs = []
-    for key, value in params.items():
-        if isinstance(value, dict):
-            pairs += dotted(value, f"{prefix}{key}.")
-        else:
-            pairs.append(f"{prefix}{key}={json.dumps(value)}")
-    return pairs
-
-
-# An experiment on top of the shipped pipeline, at the tiny budget: a few seconds per stage.
-TINY_OVERRIDES = [arg for pair in dotted(TINY_PARAMS) for arg in ("-S", pair)]
+# An experiment on top of the shipped pipeline, at the tiny budget: a few seconds per stage (`-S key=value`).
+TINY_OVERRIDES = [arg for key, value in flatten(TINY_PARAMS).items() for arg in ("-S", f"{key}={json.dumps(value)}")]
 
 
 def read_params(repo: Path) -> dict:

@@ -1,22 +1,12 @@
 """OBoW (Gidaris et al., 2021): from augmented crops, a student predicts the bag of visual words that an EMA
 teacher finds in the whole image's feature map, over a vocabulary of the teacher's own recent local features.
 
-- Teacher: the EMA copy of the encoder (momentum cosine from 0.99 to 1), no heads. Its last feature map, less
-  the border (padding marks it), is soft-assigned to the K words by squared distance: codes = softmax_k(
-  -(inv_delta / mu) d_k^2), mu an EMA of the batch's mean distance to the nearest word. The target is the codes
-  max-pooled over the map, then L1-normalised: which words the image holds, a distribution over K.
-- Vocabulary: a first-in-first-out queue of K local features. Each step, the teacher's map is 3x3 average-pooled
-  and one random location per image, gathered from every worker, replaces the oldest words.
-- Student: the encoder's pooled features f of each crop. The dynamic head generates each word's weight vector
-  from the vocabulary itself (L2-normalise, Linear, BatchNorm over the words, ReLU, Linear, L2-normalise), so
-  it follows the vocabulary as it changes, and scores kappa f . w_k; the loss is the KL divergence from the
-  target, averaged over the crops of a type (the two crops; the local crops) and summed over the types.
-
-Adapted to small images: the teacher sees the whole image, flipped as `views.flip_prob` says, with no colour
-change (OBoW: a 224 px centre crop of 256); the student two crops at the image's side with the pipeline's
-augmentations (OBoW: 160 of 224 px) and `local_crops` multi-crop views (OBoW: 5 patches of 96 px). One BoW
-level, the last map (OBoW's vanilla model; the full one adds conv4). That map is 4 x 4 for the small CNN at
-16 px, so the border is dropped only from maps of at least 4 x 4, and the 3x3 pooling shrinks to fit smaller.
+The teacher (the encoder's EMA copy, momentum cosine from 0.99 to 1, no heads) soft-assigns its last map, less
+the border, to the K words (`soft_codes`, over mu, an EMA of the mean nearest-word distance); the target is
+those codes max-pooled and L1-normalised (`bow_targets`). The vocabulary is a FIFO queue of one 3x3-averaged
+teacher location per image, from every worker. The student scores its pooled features against weights
+generated from the vocabulary (`DynamicBoWHead`). One BoW level, the last map (OBoW's vanilla model); its
+adaptation to small images is in docs/methods.md ("Notes behind the code").
 """
 
 from __future__ import annotations
