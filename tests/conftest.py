@@ -178,14 +178,25 @@ def ray_cluster(env: dict[str, str], node_cpus: list[int]) -> Iterator[str]:
         _stop_ray_cluster(temp_dir, port)
 
 
+def ray_cluster_processes(port: int, temp_dir: str | None = None) -> set[psutil.Process]:
+    """The processes of the cluster whose GCS listens on `port` (or whose files are in `temp_dir`): those started
+    with either in their command line, and everything below them (its raylets' workers among them)."""
+    marks = [f":{port}"] + ([temp_dir] if temp_dir else [])
+    ours = [
+        p for p in psutil.process_iter(["cmdline"]) if any(m in arg for m in marks for arg in p.info["cmdline"] or [])
+    ]
+    processes = set()
+    for root in ours:
+        try:
+            processes |= {root, *root.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    return processes
+
+
 def _stop_ray_cluster(temp_dir: str, port: int) -> None:
     """Stop only this cluster's processes (`ray stop` would end every Ray instance on the host)."""
-    ours = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any(temp_dir in arg or f":{port}" in arg for arg in p.info["cmdline"] or [])
-    ]
-    processes = {p for root in ours for p in [root, *root.children(recursive=True)]}
+    processes = ray_cluster_processes(port, temp_dir)
     for process in processes:
         process.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(list(processes), timeout=3)

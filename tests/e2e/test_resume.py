@@ -15,23 +15,34 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import run, update_params
+from tests.conftest import ray_cluster_processes, run, update_params
 
 pytestmark = pytest.mark.slow
 RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")  # a log line Ray forwards from an actor
 
 
-def _ray_train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in a for a in p.info["cmdline"] or [])]
+def _ray_train_workers(address: str) -> list[psutil.Process]:
+    """The Ray Train workers of the cluster this test session started (`address`): no other Ray on the host."""
+    workers = []
+    for process in ray_cluster_processes(int(address.rsplit(":", 1)[1])):
+        try:
+            if any("RayTrainWorker" in part for part in process.cmdline()):
+                workers.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
 
 
 def _checkpoints(repo) -> set[str]:
     return {path.name for path in (repo / "checkpoints").glob("*/checkpoint_*")}
 
 
-def _kill_a_new_worker_after_its_first_checkpoint(repo, deadline: float, killed: tuple[int, ...] = ()) -> tuple:
-    """Wait for a Ray Train worker not in `killed`, then for a checkpoint it wrote; SIGKILL it; its pids."""
-    while not (workers := [w for w in _ray_train_workers() if w.pid not in killed]):
+def _kill_a_new_worker_after_its_first_checkpoint(
+    address: str, repo, deadline: float, killed: tuple[int, ...] = ()
+) -> tuple:
+    """Wait for a Ray Train worker on the test's cluster (`address`) not in `killed`, then for a checkpoint it
+    wrote; SIGKILL it; its pids."""
+    while not (workers := [w for w in _ray_train_workers(address) if w.pid not in killed]):
         assert time.monotonic() < deadline, "no new Ray Train worker within the deadline"
         time.sleep(0.1)
     before = _checkpoints(repo)
@@ -59,8 +70,9 @@ def test_a_killed_worker_is_restarted_and_when_restarts_run_out_the_next_run_res
         text=True,
     )
     deadline = time.monotonic() + 240
-    first = _kill_a_new_worker_after_its_first_checkpoint(repo, deadline)
-    _kill_a_new_worker_after_its_first_checkpoint(repo, deadline, killed=first)  # the worker Ray restarted
+    first = _kill_a_new_worker_after_its_first_checkpoint(env["RAY_ADDRESS"], repo, deadline)
+    # the worker Ray restarted
+    _kill_a_new_worker_after_its_first_checkpoint(env["RAY_ADDRESS"], repo, deadline, killed=first)
     output, errors = stage.communicate(timeout=300)
     assert "resuming from the checkpoint of epoch" in output + errors  # ... which resumed, not started afresh
 
