@@ -33,6 +33,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 channel multiplier")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["eager", "compiled"],
+        choices=["eager", "compiled"],
+        help="on CUDA: eager bf16, compiled bf16, or both (compiling 16 methods takes minutes)",
+    )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "method_speed.json")
     return parser.parse_args()
 
@@ -41,7 +48,8 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     images, origin = load_images(args)
-    variants = {"eager bf16": ("bf16", False), "compiled bf16": ("bf16", True)} if device.type == "cuda" else {}
+    cuda = {"eager": ("eager bf16", ("bf16", False)), "compiled": ("compiled bf16", ("bf16", True))}
+    variants = dict(cuda[name] for name in args.variants) if device.type == "cuda" else {}
     variants = variants or {"eager fp32": ("fp32", False)}
     print(f"{len(images):,} images {images.shape[1]}x{images.shape[2]} from {origin}; device {device}", flush=True)
     results: dict[str, dict[str, float]] = {}

@@ -85,8 +85,14 @@ class Encoder(nn.Module):
         self.feature_dim = self.backbone.out_dim
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).clamp(min=1e-3).view(1, 3, 1, 1))
+        # Set by the training step on CUDA, where the weights are channels_last too. Inputs a method makes
+        # inside its forward (Jigsaw's tiles) arrive contiguous; compiled, a mismatch once failed the
+        # backward's stride check on 1x1 maps, so the encoder converts them itself.
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone((x - self.mean) / self.std)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

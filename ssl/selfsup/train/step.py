@@ -41,6 +41,9 @@ class TrainStep:
             torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN pick the fastest kernels
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+            for module in self.method.modules():
+                if isinstance(module, Encoder):
+                    module.channels_last = True
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if cuda and train.precision == "bf16"
