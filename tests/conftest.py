@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +21,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Every Ray cluster the suite starts requires this token, as selfsup's own local instances do; stages and clients
+# the tests start inherit it. Set before anything imports Ray (it reads RAY_AUTH_MODE on import).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
 
 # Small enough for seconds per stage on 2 cores, big enough that every stage does real work.

@@ -65,6 +65,13 @@ class DataConfig(_Section):
     # so that the test split is only ever reported.
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     seed: int = 0
+    # imagefolder: an image whose header says more pixels is skipped as unreadable before any is decoded (a
+    # small PNG can decode to gigabytes). Default: Pillow's own limit (1 GiB / 4 / 3, ~9459 x 9459, 256 MiB as
+    # RGB), above the 12-50 MP of phone and camera photos, and what Pillow would warn about anyway.
+    max_image_pixels: int = Field(default=89_478_485, ge=1)
+    # imagefolder: the share of files that may be unreadable (truncated, not an image, over max_image_pixels):
+    # skipped with a one-line warning naming them; more is an error. 0 makes any unreadable file an error.
+    max_unreadable_fraction: float = Field(default=0.01, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _root_when_needed(self) -> DataConfig:
@@ -143,6 +150,8 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(default=1.0, gt=0)  # used only when use_gpu
     # A worker lost mid-run (killed, its node gone) is restarted from the latest checkpoint this many times.
     max_failures: int = Field(default=3, ge=0)
+    # The local Ray instance's dashboard (and job server), on 127.0.0.1 and behind its token; off unless asked.
+    dashboard: bool = False
 
 
 def _k_list(value: Any) -> Any:
@@ -278,17 +287,38 @@ class TuneConfig(_Section):
     mode: Literal["max", "min"] | None = None  # null: the metric's own (max for accuracy, min for the loss)
     search: Literal["random", "optuna"] = "random"  # optuna: pip install -e ".[optuna]"
     seed: int = 0  # of the search's draws: the same params give the same trials
-    asha: AshaConfig | None = AshaConfig()  # null: every trial runs every epoch
+    # asha: ASHA decided in the trials' creation order, so the same seed picks the same winner however their
+    # reports interleave | async_asha: Ray's ASHAScheduler (decisions follow report timing) | fifo: no early stop
+    scheduler: Literal["asha", "async_asha", "fifo"] = "asha"
+    asha: AshaConfig = AshaConfig()  # the rungs of both ASHAs
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.0, ge=0)  # a fraction lets small trials share a GPU
     max_concurrent_trials: int | None = Field(default=2, ge=1)  # null: as many as the resources allow
     storage_path: str | None = None  # null: sweeps/ray in the repo; on a cluster a shared folder or s3://, gs://
-    name: str = Field(default="sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = "sweep"  # a folder name under storage_path, never a path
 
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
         return one_of(value, TUNE_METRICS, "metric (what a trial reports)")
+
+    @field_validator("asha", mode="before")
+    @classmethod
+    def _asha_settings(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("null no longer turns early stopping off: set tune.scheduler: fifo")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        # The stage deletes storage_path/name to start a sweep afresh: a name must stay inside storage_path.
+        allowed = all(c.isascii() and (c.isalnum() or c in "_.-") for c in value)
+        if not value or not allowed or set(value) == {"."}:
+            raise ValueError(
+                "must be a folder name inside tune.storage_path (letters, digits, _ . -), not a path, '.' or '..'"
+            )
+        return value
 
     @property
     def resolved_mode(self) -> str:

@@ -238,16 +238,19 @@ def train_loop(
         loss, std = (sums / steps_per_epoch).tolist()  # one device sync per epoch, not per step
         seconds = time.perf_counter() - started
         kept = f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else "no checkpoint was written yet"
+        stopped = [*history, {"epoch": epoch + 1, "loss": loss, "lr": lr, "embedding_std": std}]  # the curves to here
         if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"the loss became {loss} in epoch {epoch + 1}; {kept}. Lower train.lr (now {peak_lr:.4g}); {advice}"
+                f"the loss became {loss} in epoch {epoch + 1}; {kept}. Lower train.lr (now {peak_lr:.4g}); {advice}",
+                stopped,
             )
         low_std_epochs = low_std_epochs + 1 if std < train.collapse_std else 0
         if low_std_epochs >= train.collapse_patience:
             raise CollapseError(
                 f"{spec.method.name} collapsed: the embeddings' std stayed below train.collapse_std="
                 f"{train.collapse_std} for {low_std_epochs} epochs (now {std:.3f}, epoch {epoch + 1}); {kept}. "
-                f"Lower train.lr (now {peak_lr:.4g}) or raise train.warmup_epochs; {advice}"
+                f"Lower train.lr (now {peak_lr:.4g}) or raise train.warmup_epochs; {advice}",
+                stopped,
             )
         metrics = {
             "epoch": epoch + 1,

@@ -8,48 +8,98 @@ path + name) resumes from the latest one, so the caller derives the name from th
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
 
-# Quiet, private defaults for a workstation; a cluster's own settings win. Set before Ray starts.
-for _key, _value in {
+from selfsup.config import ScalingConfig
+from selfsup.errors import ConfigError, RayClusterError, SelfsupError, WorkerError, WorkerLostError
+from selfsup.reachability import unreachable
+from selfsup.train.loop import CHECKPOINT_FILE, PretrainSpec, load_checkpoint, train_loop
+from selfsup.train.monitor import KnnMonitor
+
+# Quiet defaults for the processes Ray starts from here; a user's own settings win.
+QUIET_RAY = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # The controller polls its workers this often (Ray's default: 2 s), and each `report` and the end of
     # `fit()` wait for that poll: 0.2 s (what Ray's own tests use) saves seconds per run for a few tiny tasks.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-}.items():
-    os.environ.setdefault(_key, _value)
-
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
-
-from selfsup.config import ScalingConfig  # noqa: E402
-from selfsup.errors import ConfigError, RayClusterError, SelfsupError, WorkerLostError  # noqa: E402
-from selfsup.reachability import unreachable  # noqa: E402
-from selfsup.train.loop import CHECKPOINT_FILE, PretrainSpec, load_checkpoint, train_loop  # noqa: E402
-from selfsup.train.monitor import KnnMonitor  # noqa: E402
+}
 
 
-def connect_ray() -> None:
-    """Join RAY_ADDRESS if set (failing fast when it is unreachable), else start a local instance."""
+def connect_ray(dashboard: bool = False) -> None:
+    """Join the cluster at RAY_ADDRESS if set (failing fast when it is unreachable or refuses us), else start a
+    private local instance that never joins another by accident. Environment variables are set here, where Ray
+    starts (its processes inherit them), never at import."""
     if ray.is_initialized():
         return
+    for key, value in QUIET_RAY.items():
+        os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as error:
+            raise RayClusterError(_refused(address, error)) from None
         return
+    start_private_instance(dashboard)
+
+
+def start_private_instance(dashboard: bool = False) -> str:
+    """A local Ray instance of this machine's CPUs that only holders of its token can use, and return the
+    dashboard's URL (empty without one).
+
+    Ray binds its GCS, raylet and workers to every interface, so the token is the lock: a fresh one per process
+    (RAY_AUTH_TOKEN, inherited by the instance's processes only), never written to disk. `address="local"`
+    starts a new instance even when `ray start` left one on the machine."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # one per process: Ray caches the first it reads
+    # Ray read RAY_AUTH_MODE when it was imported; re-read it as ray.init does when it turns token auth on itself.
+    from ray._raylet import Config
+
+    Config.initialize("")
+    # Ray Train's placement-group cleaner asks "the" dashboard whether the run's controller is alive; unpointed, it
+    # may find another Ray instance's dashboard on this host, which does not know the controller, and remove a live
+    # run's workers. Point it at our own (or, without one, at a port nothing serves: it then keeps the workers).
+    port = _free_loopback_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
+        address="local",
         num_cpus=os.cpu_count(),
         object_store_memory=256 << 20,  # else each node claims 30% of RAM
-        _node_ip_address="127.0.0.1",
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        # The cleaner, without a dashboard to ask, warns every few seconds that it cannot; errors still show.
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
     )
+    return os.environ["RAY_API_SERVER_ADDRESS"] if dashboard else ""
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _refused(address: str, error: ConnectionError) -> str:
+    cause = f"{error} {error.__cause__ or ''}"
+    if "uthenticat" in cause or "token" in cause:
+        return (
+            f"the Ray cluster at RAY_ADDRESS={address} refused this client's token: set RAY_AUTH_MODE=token and the "
+            "cluster's token (`ray get-auth-token` on its head) in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+        )
+    return f"could not join the Ray cluster at RAY_ADDRESS={address} ({str(error).splitlines()[0]})"
 
 
 def _check_reachable(address: str) -> None:
@@ -152,8 +202,9 @@ def _ray_worker(config: dict) -> SelfsupError | None:
         labels = None if config["labels"] is None else ray.get(config["labels"])
         train_loop(ray.get(config["images"]), config["spec"], RaySession(config["use_gpu"]), config["monitor"], labels)
     except SelfsupError as error:
-        # Returned, not raised: a raise counts as a lost worker and is retried (scaling.max_failures), but a NaN
-        # loss or a collapse would only recur. Every rank meets it at the same epoch (the loss is all-reduced).
+        # Returned: a NaN loss or a collapse is one line, not a worker's traceback. Every rank meets it at the same
+        # epoch (the loss is all-reduced), so no rank waits for another. Anything else is raised: Ray stops every
+        # rank, prints the traceback, and `pretrain_with_ray` decides whether a restart can help.
         return error
 
 
@@ -167,22 +218,28 @@ def pretrain_with_ray(
     labels: np.ndarray | None = None,
 ) -> dict:
     """Train on a Ray cluster and return the final checkpoint (method and optimiser state, history). `labels`
-    (None for unlabelled images) go to `train_loop`, which alone decides whether the spec trains on them."""
-    connect_ray()
+    (None for unlabelled images) go to `train_loop`, which alone decides whether the spec trains on them.
+
+    A lost worker (its process killed, its node gone) is restarted from the latest checkpoint, up to
+    `scaling.max_failures` times; an error raised by the code (a bug, out of memory) is not: a restart would only
+    repeat it. Both end in one line that says which checkpoint is kept."""
+    connect_ray(scaling.dashboard)
     check_resources(scaling)
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    trainer = TorchTrainer(
+    config = {
+        "images": ray.put(images),  # through the object store: works on a multi-node cluster too
+        "labels": None if labels is None else ray.put(labels),
+        "spec": spec,
+        "monitor": monitor,
+        "use_gpu": scaling.use_gpu,
+        "cpus_per_worker": scaling.cpus_per_worker,
+    }
+    trainer = partial(
+        TorchTrainer,
         _ray_worker,
-        train_loop_config={
-            "images": ray.put(images),  # through the object store: works on a multi-node cluster too
-            "labels": None if labels is None else ray.put(labels),
-            "spec": spec,
-            "monitor": monitor,
-            "use_gpu": scaling.use_gpu,
-            "cpus_per_worker": scaling.cpus_per_worker,
-        },
+        train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
@@ -191,20 +248,34 @@ def pretrain_with_ray(
             name=run_name,
             storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            # Ray would retry every failure alike; the loop below retries only lost workers. A new `fit()` of the
+            # same run name resumes from its latest checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=0),
             # Our per-epoch line is enough; at WARNING a worker lost and restarted also prints Ray's 30-line traceback
             # of the backend's shutdown ("expected if one of the workers has crashed").
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
-    try:
-        result = trainer.fit()
-    except ray.train.WorkerGroupError as error:
-        lost = _workers_lost(error, scaling.max_failures, Path(storage_path) / run_name)
-        # Disconnect first: the controller's own teardown logs (a placement-group cleaner's timeout traceback)
-        # would otherwise reach this terminal after the one line that says what happened.
-        ray.shutdown()
-        raise lost from None
+    run_folder = Path(storage_path) / run_name
+    for attempt in range(scaling.max_failures + 1):
+        try:
+            result = trainer().fit()
+            break
+        except (ray.train.WorkerGroupError, ray.train.ControllerError) as error:
+            failures = _failures(error)
+            raised = [failure for failure in failures if not _lost_worker(failure)]
+            if raised or attempt == scaling.max_failures:
+                # Disconnect first: the controller's teardown logs (a placement-group cleaner's timeout traceback)
+                # would otherwise reach this terminal after the one line that says what happened.
+                ray.shutdown()
+                if raised:
+                    raise _worker_raised(raised[0], run_folder) from None
+                raise _workers_lost(failures, scaling.max_failures, run_folder) from None
+            print(
+                f"a Ray Train worker was lost ({_first_sentence(failures[0])}); restarting from the latest checkpoint "
+                f"({attempt + 1} of scaling.max_failures={scaling.max_failures})",
+                flush=True,
+            )
     if isinstance(result.return_value, SelfsupError):
         raise result.return_value
     if result.checkpoint is None:
@@ -213,17 +284,46 @@ def pretrain_with_ray(
         return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
 
 
-def _workers_lost(error: ray.train.WorkerGroupError, max_failures: int, run_folder: Path) -> WorkerLostError:
-    """One line for retries run out: what failed last, and the checkpoint the next `dvc repro` resumes from."""
-    reasons = [str(failure).strip().splitlines()[-1] for failure in error.worker_failures.values() if str(failure)]
-    reason = reasons[0].split(". ")[0][:200] if reasons else type(error).__name__  # its first sentence
+def _failures(error: ray.train.TrainingFailedError) -> list[BaseException]:
+    if isinstance(error, ray.train.WorkerGroupError):
+        return list(error.worker_failures.values()) or [error]
+    return [error.controller_failure]
+
+
+def _lost_worker(failure: BaseException) -> bool:
+    """Ray's own errors (a worker's process or node gone, its health check failed) are what a restart can cure; an
+    error the training code raised (a bug, out of memory, a NaN loss) would only recur."""
+    return type(failure).__module__.split(".")[0] == "ray"
+
+
+def _first_sentence(failure: BaseException) -> str:
+    lines = str(failure).strip().splitlines()
+    return lines[-1].split(". ")[0][:200] if lines else type(failure).__name__
+
+
+def checkpoint_kept(run_folder: Path) -> str:
+    """Which checkpoint an interrupted run leaves for the next `dvc repro` to resume from."""
     checkpoints = sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir()) if run_folder.is_dir() else []
-    kept = (
-        f"the latest checkpoint is kept in {checkpoints[-1]}: `dvc repro` resumes from it"
-        if checkpoints
-        else "no checkpoint was written yet: `dvc repro` starts again"
+    if checkpoints:
+        where = os.path.relpath(checkpoints[-1]) if checkpoints[-1].is_relative_to(Path.cwd()) else checkpoints[-1]
+        return f"the latest checkpoint is kept in {where}: `dvc repro` resumes from it"
+    return "no checkpoint was written yet: `dvc repro` starts again"
+
+
+def _worker_raised(failure: BaseException, run_folder: Path) -> SelfsupError:
+    """A worker's own error: selfsup's as it is; anything else in one line under the traceback Ray printed."""
+    if isinstance(failure, SelfsupError):
+        return failure
+    message = str(failure).strip().splitlines()[0][:300] if str(failure).strip() else ""
+    return WorkerError(
+        f"a Ray Train worker raised {type(failure).__name__}: {message} (its traceback is above); not retried, a "
+        f"restart would repeat it; {checkpoint_kept(run_folder)}"
     )
+
+
+def _workers_lost(failures: list[BaseException], max_failures: int, run_folder: Path) -> WorkerLostError:
+    """One line for restarts run out: what failed last, and the checkpoint the next `dvc repro` resumes from."""
     return WorkerLostError(
         f"a Ray Train worker failed {max_failures + 1} time(s), past scaling.max_failures={max_failures} "
-        f"(last: {reason}); {kept}"
+        f"(last: {_first_sentence(failures[0])}); {checkpoint_kept(run_folder)}"
     )
