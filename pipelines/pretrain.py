@@ -4,15 +4,18 @@ The run is tracked in MLflow (params, per-epoch loss, lr, images/s, validation k
 statistics as step metrics, the curves as a picture); the evaluations and `register` add to that run.
 
 Checkpoints live in checkpoints/<run name>, a folder DVC keeps between runs (persist), and the run
-name is a hash of everything that shapes the result (params, data, library code): an interrupted
-`dvc repro` resumes where it stopped, while a change of params or code starts afresh.
+name is a hash of everything that shapes the result (params, data, the training code in TRAINING_CODE):
+an interrupted `dvc repro` resumes where it stopped, while a change of those starts afresh. Other
+configurations' checkpoints are removed only once a run has succeeded.
 """
 
 import csv
 import hashlib
 import json
 import shutil
+import sys
 import time
+from pathlib import Path
 
 from pipelines.common import (
     CHECKPOINTS,
@@ -45,14 +48,15 @@ def main() -> None:
     train = load_split(PREPARED, "train")
     check_data(params.method, train.images, manifest.source)  # a method the data cannot teach: before Ray starts
     spec = PretrainSpec.from_params(params, manifest)
-    identity = json.dumps([repr(spec), repr(params.scaling), manifest.sha256, _library_sha256()])
+    scaling = params.scaling.model_dump(exclude={"max_failures", "dashboard"})  # what changes the result
+    identity = json.dumps([repr(spec), scaling, manifest.sha256, training_code_sha256()])
     run_name = f"{params.method.name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-    _remove_stale_runs(keep=run_name)
 
     import mlflow
 
+    from selfsup.errors import TrainingStoppedError
     from selfsup.tracking import ENCODER_TAG, log_history, pretrain_run  # fails fast on an unreachable MLflow server
-    from selfsup.train.ray_trainer import pretrain_with_ray  # Ray imports only once params are good
+    from selfsup.train.ray_trainer import checkpoint_kept, pretrain_with_ray  # Ray only once params are good
 
     val = load_split(PREPARED, "val")
     monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k)
@@ -66,7 +70,14 @@ def main() -> None:
     }
     with pretrain_run(params.mlflow, ROOT, params=tracked, tags=tags) as run_id:
         started = time.perf_counter()
-        state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor, train.labels)
+        try:
+            state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor, train.labels)
+        except TrainingStoppedError as error:  # a NaN loss, a collapse: the run keeps its curves up to the stop
+            log_history(run_id, error.history)
+            raise
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {checkpoint_kept(CHECKPOINTS / run_name)}", file=sys.stderr, flush=True)
+            raise
         wall = time.perf_counter() - started
 
         method = build_model(spec, num_images=len(train.images))
@@ -88,7 +99,10 @@ def main() -> None:
         mlflow.log_artifact(str(PLOTS / "pretrain.png"), artifact_path="pictures")
         mlflow.log_artifact(str(PLOTS / "pretrain.csv"), artifact_path="curves")
         mlflow.set_tag(ENCODER_TAG, file_sha256(ENCODER))
-    shutil.rmtree(CHECKPOINTS / run_name, ignore_errors=True)  # done: a forced re-run trains afresh
+    # Done: a forced re-run trains afresh, and no other configuration's checkpoints can be resumed by this one.
+    for folder in CHECKPOINTS.iterdir():
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
     (CHECKPOINTS / "README").write_text(CHECKPOINTS_README)
     print(
         f"pretrained {len(history)} epochs in {wall:.0f} s; encoder saved to {ENCODER.relative_to(ENCODER.parents[1])}"
@@ -119,20 +133,52 @@ def _write_curves(history: list[dict]) -> None:
     plot_training_curves(history, PLOTS / "pretrain.png")
 
 
-def _library_sha256() -> str:
-    """Changed code must not resume a checkpoint that older code trained."""
+# The code whose change makes a checkpoint stale (what a training worker runs), relative to ssl/selfsup; not the
+# plotting, tracking or sweep code. tests/unit/pipelines/test_pretrain_identity.py checks that it covers every
+# module a worker imports and that dvc.yaml's pretrain deps cover it.
+TRAINING_CODE = (
+    "methods",
+    "models",
+    "train/loop.py",
+    "train/step.py",
+    "train/optim.py",
+    "train/collapse.py",
+    "train/monitor.py",
+    "train/ray_trainer.py",
+    "train/__init__.py",
+    "data/views.py",
+    "data/lab.py",
+    "data/arrays.py",
+    "data/__init__.py",
+    "eval/knn.py",
+    "eval/linear.py",
+    "eval/features.py",
+    "eval/__init__.py",
+    "distributed.py",
+    "config.py",
+    "params.py",
+    "errors.py",
+    "reachability.py",
+    "__init__.py",
+)
+
+
+def training_code_files() -> list[Path]:
+    library = ROOT / "ssl" / "selfsup"
+    files = []
+    for entry in TRAINING_CODE:
+        path = library / entry
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+def training_code_sha256() -> str:
+    """Changed training code must not resume a checkpoint that older code trained."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "ssl" / "selfsup").rglob("*.py")):
+    for path in training_code_files():
+        digest.update(str(path.relative_to(ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def _remove_stale_runs(keep: str) -> None:
-    """Checkpoints of other configurations can never be resumed by this one."""
-    if CHECKPOINTS.is_dir():
-        for folder in CHECKPOINTS.iterdir():
-            if folder.name != keep and folder.is_dir():
-                shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ def test_a_killed_worker_is_restarted_and_when_restarts_run_out_the_next_run_res
     assert run(["dvc", "repro", "prepare"], repo, env).returncode == 0
     for folder in (repo / "checkpoints").glob("*/"):  # an earlier test's, of the same params
         subprocess.run(["rm", "-rf", str(folder)], check=True)
+    other = repo / "checkpoints" / "simclr-0123456789ab" / "checkpoint_000000"  # another configuration's
+    other.mkdir(parents=True)
     stage = subprocess.Popen(
         ["python", "-m", "pipelines.pretrain"],
         cwd=repo,
@@ -86,6 +88,10 @@ def test_a_killed_worker_is_restarted_and_when_restarts_run_out_the_next_run_res
     own = [line for line in errors.splitlines() if not RAY_FORWARDED.match(line)]
     assert not any("Traceback" in line for line in own), errors
 
+    assert other.is_dir()  # removed only once a run succeeds
+    # An edit of code the stage does not run keeps the checkpoints resumable.
+    with open(repo / "ssl" / "selfsup" / "serving.py", "a") as f:
+        f.write("\n# edited while the run was interrupted\n")
     # The next run resumes from the kept checkpoint and ends with every epoch once: no gap, no repeat.
     resumed = run(["python", "-m", "pipelines.pretrain"], repo, env)
     assert resumed.returncode == 0 and "resuming from the checkpoint of epoch" in resumed.output, resumed.output
@@ -94,4 +100,4 @@ def test_a_killed_worker_is_restarted_and_when_restarts_run_out_the_next_run_res
     assert json.loads((repo / "metrics" / "pretrain.json").read_text())["epochs"] == 8
     epochs = [int(line.split(",")[0]) for line in (repo / "plots" / "pretrain.csv").read_text().splitlines()[1:]]
     assert epochs == list(range(1, 9))
-    assert [p.name for p in (repo / "checkpoints").iterdir()] == ["README"]  # a finished run cleans up
+    assert [p.name for p in (repo / "checkpoints").iterdir()] == ["README"]  # a finished run cleans up, others too
