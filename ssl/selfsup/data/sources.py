@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,16 @@ from selfsup.data.arrays import Manifest, Split, write_dataset
 from selfsup.errors import DatasetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-TORCHVISION_DECODES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}  # the rest go through PIL
+# Pillow formats torchvision decodes (libjpeg-turbo, libpng: ~15x faster than PIL) with the EXIF rotation applied.
+# GIF goes through PIL, which decodes the first frame only where torchvision decodes every frame.
+TORCHVISION_FORMATS = {"JPEG", "MPO", "PNG"}
+# Transparent pixels are composited on white: how viewers and browsers show such images, and the background
+# cut-out product photos and icons are made for. On black, dark objects would merge into it.
+BACKGROUND = (255, 255, 255)
+# The most bytes a file within data.max_image_pixels can need: 16 per pixel (32-bit float RGBA, uncompressed: more
+# than any format Pillow decodes stores) plus 16 MiB of metadata. A larger file is not read into memory.
+BYTES_PER_PIXEL, METADATA_BYTES = 16, 16 << 20
+DATA_DEFAULTS = DataConfig()
 
 
 def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
@@ -137,23 +151,37 @@ def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
             raise DatasetError(
                 f"{root}/test has classes {test_classes} but {root}/train has {classes}: make them match"
             )
+        limits = config.max_image_pixels, config.max_unreadable_fraction
         return {
-            "train": _decode_files(train_files, config.image_size),
-            "test": _decode_files(test_files, config.image_size),
+            "train": _decode_files(train_files, config.image_size, *limits),
+            "test": _decode_files(test_files, config.image_size, *limits),
         }, classes
-    split, classes = read_image_folder(root, config.image_size)
+    split, classes = read_image_folder(
+        root,
+        config.image_size,
+        max_image_pixels=config.max_image_pixels,
+        max_unreadable_fraction=config.max_unreadable_fraction,
+    )
     return _split_by_fraction(split.images, split.labels, config), classes
 
 
-def read_image_folder(folder: Path, image_size: int | None = None, limit: int | None = None) -> tuple[Split, list[str]]:
+def read_image_folder(
+    folder: Path,
+    image_size: int | None = None,
+    limit: int | None = None,
+    *,
+    max_image_pixels: int = DATA_DEFAULTS.max_image_pixels,
+    max_unreadable_fraction: float = DATA_DEFAULTS.max_unreadable_fraction,
+) -> tuple[Split, list[str]]:
     """Decode `folder/<class>/*` into uint8 RGB images and labels, with the sorted class names.
 
-    `limit` keeps an evenly spaced subset, so that every class keeps its share.
+    `limit` keeps an evenly spaced subset, so that every class keeps its share. Unreadable files are skipped
+    while they are at most max_unreadable_fraction of them (see _decode_files).
     """
     files, classes = _list_class_files(Path(folder))
     if limit and limit < len(files):
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).astype(int)]
-    return _decode_files(files, image_size), classes
+    return _decode_files(files, image_size, max_image_pixels, max_unreadable_fraction), classes
 
 
 def _list_class_files(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -170,38 +198,198 @@ def _list_class_files(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return files, classes
 
 
-def _decode_image(path: Path) -> torch.Tensor:
-    """One image file -> uint8 3 x H x W (the first frame of an animation)."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        data = path.read_bytes()
-        if path.suffix.lower() in TORCHVISION_DECODES:  # libjpeg-turbo and friends: ~15x faster than PIL
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            return image[0] if image.ndim == 4 else image
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as pil:
-            return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise DatasetError(f"cannot decode {path} ({error}): remove or replace the file") from None
+class _Unreadable(Exception):
+    """A file that cannot be read; the message says why, the caller names the file."""
 
 
-def _decode_files(files: list[tuple[Path, int]], image_size: int | None) -> Split:
+# What decoders raise on a broken file: Pillow OSError (truncated, cannot identify), SyntaxError, EOFError and
+# ValueError (a mode it cannot convert); torchvision RuntimeError.
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, RuntimeError)
+
+
+def _decode_files(
+    files: list[tuple[Path, int]], image_size: int | None, max_image_pixels: int, max_unreadable_fraction: float
+) -> Split:
+    """Decode the files into one preallocated uint8 N x H x W x 3 array (size x size with image_size), skipping
+    unreadable ones while they are at most max_unreadable_fraction of the files: a warning names them, more is
+    a DatasetError, raised at the first one over (no need to decode the rest to know)."""
+    allowed = int(max_unreadable_fraction * len(files) + 1e-9)  # the epsilon: 0.29 * 100 is 28.999...
+    images, first = None, None  # allocated at the first good image, whose size it takes without image_size
+    labels, skipped = [], []
+    for index, (path, label) in enumerate(files):
+        try:
+            image = _decode_image(path, max_image_pixels)
+        except _Unreadable as error:
+            skipped.append((path, str(error)))
+            if len(skipped) > allowed:
+                raise _too_many_unreadable(skipped, index + 1, len(files), max_unreadable_fraction, allowed) from None
+            continue
+        if image_size:
+            image = center_crop_resize(image, image_size)
+        if images is None:
+            images, first = np.empty((len(files), *image.shape[1:], 3), dtype=np.uint8), path
+        elif image.shape[1:] != images.shape[1:3]:
+            raise DatasetError(
+                f"images differ in size ({path}: {tuple(image.shape[1:])}, {first}: {images.shape[1:3]}): "
+                "set data.image_size to resize them all"
+            )
+        images[len(labels)] = image.permute(1, 2, 0).numpy()
+        labels.append(label)
+    if images is None:  # only when max_unreadable_fraction allows every file
+        raise DatasetError(f"none of the {len(files)} image files can be read: {_listing(skipped)}")
+    if skipped:
+        _warn_skipped(skipped, len(files), max_unreadable_fraction, allowed)
+    # A view: the rows of skipped files stay allocated, at most max_unreadable_fraction of the array.
+    return Split(images[: len(labels)], np.array(labels, dtype=np.int64))
+
+
+def _too_many_unreadable(
+    skipped: list[tuple[Path, str]], read: int, total: int, fraction: float, allowed: int
+) -> DatasetError:
+    return DatasetError(
+        f"{len(skipped)} of the first {read} of {total} image files cannot be read, more than "
+        f"{_allowance(fraction, allowed)}: {_listing(skipped)}; fix or remove them, or raise "
+        "data.max_unreadable_fraction to skip them"
+    )
+
+
+def _warn_skipped(skipped: list[tuple[Path, str]], total: int, fraction: float, allowed: int) -> None:
+    print(
+        f"warning: skipped {len(skipped)} of {total} image files that cannot be read "
+        f"({_allowance(fraction, allowed)}): {_listing(skipped)}",
+        file=sys.stderr,
+    )
+
+
+def _allowance(fraction: float, allowed: int) -> str:
+    return f"data.max_unreadable_fraction={fraction} allows {allowed}"
+
+
+def _listing(skipped: list[tuple[Path, str]], shown: int = 3) -> str:
+    """The first few unreadable files with why, in one line."""
+    listing = "; ".join(f"{path} ({reason})" for path, reason in skipped[:shown])
+    return listing + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "")
+
+
+def center_crop_resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 3 x H x W -> 3 x size x size: the shorter side resized to size (antialiased), the centre kept."""
     from torchvision.transforms.v2.functional import center_crop, resize
 
-    images, first_shape = [], None
-    for path, _ in files:
-        image = _decode_image(path)
-        if image_size:
-            image = center_crop(resize(image, image_size, antialias=True), [image_size, image_size])
-        elif first_shape is None:
-            first_shape = (image.shape, path)
-        elif image.shape != first_shape[0]:
-            raise DatasetError(
-                f"images differ in size ({path}: {tuple(image.shape[1:])}, {first_shape[1]}: "
-                f"{tuple(first_shape[0][1:])}): set data.image_size to resize them all"
-            )
-        images.append(image)
-    stacked = torch.stack(images).permute(0, 2, 3, 1).contiguous().numpy()
-    return Split(stacked, np.array([label for _, label in files], dtype=np.int64))
+    return center_crop(resize(image, size, antialias=True), [size, size])
+
+
+def _decode_image(path: Path, max_pixels: int) -> torch.Tensor:
+    """One image file -> uint8 3 x H x W, upright as its EXIF orientation says, the first frame of an animation.
+
+    Raises _Unreadable, saying why, for a file over max_pixels (checked on the header, before decoding),
+    truncated, or not an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = path.stat().st_size
+        if size > BYTES_PER_PIXEL * max_pixels + METADATA_BYTES:
+            raise _Unreadable(f"{size:,} bytes, more than an image within data.max_image_pixels={max_pixels:,} needs")
+        data = path.read_bytes()
+        with _pillow_pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as image:  # reads the header only
+            if _torchvision_decodes(image):
+                return _decode_with_torchvision(data)
+            return _decode_with_pillow(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise _Unreadable(_over_the_limit(error, max_pixels)) from None
+    except UnidentifiedImageError:
+        raise _Unreadable("not an image Pillow can identify") from None
+    except DECODE_ERRORS as error:
+        raise _Unreadable(_one_line(error)) from None
+
+
+def _one_line(error: Exception) -> str:
+    """A decoder's message on one line, without the C++ source place torchvision's start with."""
+    message = re.sub(r"^.*\.cpp:\d+, ", "", " ".join(str(error).split()))
+    return message or type(error).__name__
+
+
+@contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb check at max_pixels, its warning an error. Pillow makes it on the header in
+    Image.open, before any pixel is decoded (and again where a GIF frame or an ICO entry grows the image): one
+    limit for every format, and a per-file failure instead of a warning or a traceback."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _over_the_limit(error: Exception, max_pixels: int) -> str:
+    """Pillow's bomb message in terms of data.max_image_pixels (its error quotes twice the limit)."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels"
+    return f"{pixels}, over data.max_image_pixels={max_pixels:,}"
+
+
+def _torchvision_decodes(image) -> bool:
+    """A plain colour or grey JPEG or PNG (8 or 16 bits), which torchvision decodes as Pillow would; the rest
+    (palette, alpha, CMYK, 16-bit grey, other formats) needs _to_rgb's conversions."""
+    return image.format in TORCHVISION_FORMATS and image.mode in ("RGB", "L") and "transparency" not in image.info
+
+
+def _decode_with_torchvision(data: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    if image.dtype == torch.uint16:  # a 16-bit colour PNG
+        image = torch.from_numpy(scale_16_to_8_bits(image.numpy()))
+    return image
+
+
+def _decode_with_pillow(image) -> torch.Tensor:
+    from PIL import ImageOps
+
+    image.load()  # the first frame only
+    ImageOps.exif_transpose(image, in_place=True)  # the orientation tag is in the header: no cost without it
+    return torch.from_numpy(_to_rgb(image)).permute(2, 0, 1)
+
+
+def _to_rgb(image) -> np.ndarray:
+    """A decoded Pillow image of any mode -> uint8 H x W x 3."""
+    if image.mode == "F" or image.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I, F
+        return _high_depth_to_rgb(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return _composite(image)
+    # L and 1 repeated in each channel; P through its palette; CMYK as R = (255 - C)(255 - K) / 255 (no ICC
+    # profile, as torchvision does too); YCbCr, HSV, RGBX by Pillow. A mode it cannot convert raises ValueError.
+    return np.array(image.convert("RGB"))
+
+
+def _high_depth_to_rgb(image) -> np.ndarray:
+    """Grey images of more than 8 bits, scaled (not clipped, as Pillow's convert does) to 8-bit RGB."""
+    values = np.asarray(image)
+    if image.mode == "F":  # float pixels are taken as 0..1, torchvision's and scikit-image's convention
+        grey = np.round(np.clip(np.nan_to_num(values), 0, 1) * 255).astype(np.uint8)
+    else:  # I;16* and I (Pillow's container for 16-bit PNG, PGM and TIFF) are taken as 0..65535
+        grey = scale_16_to_8_bits(np.clip(values, 0, 65535))
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    key = image.info.get("transparency")  # a 16-bit grey PNG's tRNS: the one grey value that is transparent
+    if isinstance(key, int):
+        rgb[values == key] = BACKGROUND
+    return rgb
+
+
+def scale_16_to_8_bits(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 rounded, v * 255 / 65535: 65535 -> 255 and 257 k -> k."""
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _composite(image) -> np.ndarray:
+    """An image with alpha, a transparent palette entry or colour key -> RGB over BACKGROUND, alpha blended."""
+    from PIL import Image
+
+    background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
+    return np.array(Image.alpha_composite(background, image.convert("RGBA")).convert("RGB"))
