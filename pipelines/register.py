@@ -47,22 +47,37 @@ def main() -> None:
         pictures=[PLOTS / name for name in PICTURES],
     )
     write_json(ROOT / "models" / "registration.json", asdict(registration))
-    previous = registration.previous_champion_score
-    versus = f" (champion had {previous:.2%})" if previous is not None else " (no comparable champion before it)"
     print(
         f"registered {registration.name} version {registration.version} as @{registration.alias}: "
-        f"{champion_metric} {registration.score:.2%}{versus}"
+        f"{champion_metric} {registration.score:.2%}{_versus(registration)}"
     )
 
 
+def _versus(registration) -> str:
+    champion = registration.champion
+    if champion is None:
+        return " (no champion before it)"
+    if champion.score is None:
+        return (
+            f"; not comparable with champion version {champion.version} (they differ in {', '.join(champion.differs)}):"
+            f" `python -m pipelines.promote {registration.version}` makes it the champion"
+        )
+    return f" (champion version {champion.version} had {champion.score:.2%})"
+
+
+# The code a commit stands for. Not params.yaml (its values are tagged one by one, and `dvc exp run -S` edits it),
+# nor what `dvc repro` itself rewrites (dvc.lock, metrics/, plots/).
+SOURCE = ("ssl", "pipelines", "dvc.yaml", "pyproject.toml")
+
+
 def _git_commit() -> str:
-    """HEAD's commit, marked `-dirty` when tracked files differ from it."""
+    """HEAD's commit, marked `-dirty` when the source files differ from it."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE) else "")
 
 
 if __name__ == "__main__":

@@ -33,20 +33,37 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """The champion a new version met: its version, its score (None when not comparable) and the score-defining
+    keys that differ."""
+
+    version: str
+    score: float | None
+    differs: list[str]
+
+
+@dataclass(frozen=True)
 class Registration:
     name: str
     version: str
     alias: str  # champion or challenger
     score: float
-    previous_champion_score: float | None
+    champion: Comparison | None  # the champion before it; None when there was none
     model_uri: str  # models:/NAME/VERSION
 
 
+def project_root(root: str | Path) -> Path:
+    """The project's own folder. `dvc exp run --queue` and `--temp` run the stages in a copy of the workspace (under
+    .dvc/tmp/exps) that vanishes afterwards, and name the project in DVC_ROOT: the store and its artifacts belong to
+    the project, where every experiment's runs and versions meet."""
+    return Path(os.environ.get("DVC_ROOT") or root).resolve()
+
+
 def resolve_tracking_uri(config: MlflowConfig, root: str | Path) -> str:
-    """MLFLOW_TRACKING_URI wins; a relative sqlite path is taken relative to `root` (the repo)."""
+    """MLFLOW_TRACKING_URI wins; a relative sqlite path is taken relative to the project's root (`project_root`)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str((Path(root) / uri.removeprefix("sqlite:///")).resolve())
+        uri = "sqlite:///" + str(project_root(root) / uri.removeprefix("sqlite:///"))
     return uri
 
 
@@ -80,16 +97,17 @@ def use_experiment(config: MlflowConfig, root: str | Path) -> str:
     uri = resolve_tracking_uri(config, root)
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(config.experiment)
-    if experiment is not None and experiment.lifecycle_stage == "deleted":
+    with _registry_lock(uri):  # two first runs at once would both create the store's tables and the experiment
+        experiment = mlflow.get_experiment_by_name(config.experiment)
+        if experiment is None:
+            location = (project_root(root) / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+            return mlflow.create_experiment(config.experiment, artifact_location=location)
+    if experiment.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {config.experiment!r} is deleted: restore it (`mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}`) or set mlflow.experiment to another name"
         )
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (Path(root) / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-    return mlflow.create_experiment(config.experiment, artifact_location=location)
+    return experiment.experiment_id
 
 
 ENCODER_TAG = "encoder_sha256"  # ties every evaluation, and the registered version, to the run that trained it
@@ -177,6 +195,7 @@ class TrialRuns:
     def __init__(self, experiment_id: str, parent_run_id: str):
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.run_ids: dict[str, str] = {}
+        self.logged: dict[str, int] = {}  # the last epoch each trial's run holds
 
     @_mlflow_errors()
     def start(self, trial_id: str, sampled: dict) -> str:
@@ -186,8 +205,10 @@ class TrialRuns:
         found = client.search_runs(
             [self.experiment_id], f"tags.{PARENT_TAG} = '{self.parent_run_id}' and tags.trial = '{trial_id}'"
         )
-        if found:
+        if found:  # a resumed sweep: the trial redoes the epochs after its checkpoint, which its run already holds
             run_id = found[0].info.run_id
+            steps = [m.step for key in found[0].data.metrics for m in client.get_metric_history(run_id, key)]
+            self.logged[trial_id] = max(steps, default=0)
         else:
             tags = {PARENT_TAG: self.parent_run_id, "trial": trial_id, "stage": "tune-trial"}
             run_id = client.create_run(self.experiment_id, tags=tags, run_name=f"trial {trial_id}").info.run_id
@@ -198,8 +219,13 @@ class TrialRuns:
         return run_id
 
     @_mlflow_errors()
-    def log(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
-        _log_metrics(self.run_ids[trial_id], [(key, value, step) for key, value in metrics.items()])
+    def log(self, trial_id: str, epochs: list[dict[str, float]]) -> None:
+        """Per-epoch rows (each with its "epoch", the step), in one batch; epochs the run holds already are skipped."""
+        done = self.logged.get(trial_id, 0)
+        new = [row for row in epochs if row["epoch"] > done]
+        rows = [(key, value, row["epoch"]) for row in new for key, value in row.items() if key != "epoch"]
+        _log_metrics(self.run_ids[trial_id], rows)
+        self.logged[trial_id] = max([done, *(int(row["epoch"]) for row in new)])
 
     @_mlflow_errors()
     def end(self, trial_id: str, status: str) -> None:
@@ -240,6 +266,41 @@ def log_evaluation(
     return run_id
 
 
+def serving_requirements() -> list[str]:
+    """The registered model's pip requirements: what loading it and `predict` import (selfsup.serving, the backbones,
+    selfsup.config), pinned to the versions installed here. `selfsup` itself travels with the model (code_paths),
+    so its other dependencies (Ray, DVC...) are not needed where it is served."""
+    from importlib.metadata import version
+
+    return [
+        f"{name}=={installed.split('+')[0]}"  # 2.14.1+cpu -> 2.14.1: the server's index picks its CPU or CUDA build
+        for name, installed in [
+            ("torch", torch.__version__),
+            ("torchvision", version("torchvision")),  # every backbone but small_cnn (not imported here: seconds)
+            ("numpy", np.__version__),
+            ("pydantic", version("pydantic")),  # selfsup.config, which the backbones import
+            ("mlflow", mlflow.__version__),
+        ]
+    ]
+
+
+def encoder_signature(feature_dim: int) -> ModelSignature:
+    """uint8 N x H x W x 3 in (the form of the input example), float32 N x feature_dim out.
+
+    `predict` takes more than that and checks its input itself (selfsup.serving.as_images: floats in [0, 1], gray,
+    lists of differently sized images), so the signature is marked as MLflow marks one inferred from type hints:
+    MLflow then enforces no schema before predict, and its scoring server hands predict a request's `inputs` as
+    they are, where it would make one array of them (which a list of differently sized images cannot be).
+    """
+    # Unnamed tensors: a named input spec would reach predict as a dict, not the array users pass.
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim))]),
+    )
+    signature._is_signature_from_type_hint = True  # MLflow 3.x's own flag (see above); tests/unit/test_serving.py
+    return signature
+
+
 @_mlflow_errors()
 def register_encoder(
     encoder_path: str | Path,
@@ -257,20 +318,17 @@ def register_encoder(
     """Log the encoder as a pyfunc model into the run that trained it, with every protocol's metrics and
     pictures (evaluations that DVC skipped as up to date logged nothing), register a version, set its alias.
 
-    The version becomes `champion` only if `metrics[champion_metric]` (a validation score: nothing is chosen
-    on test) beats the current champion's; otherwise it is the `challenger`.
+    The version becomes `champion` only if there is none, or if `metrics[champion_metric]` (a validation score:
+    nothing is chosen on test) beats the champion's on the same data and protocol; otherwise it is the `challenger`.
     """
     from selfsup.data.arrays import file_sha256
 
     run_id = encoder_run(config, root, file_sha256(encoder_path))
-    # Unnamed tensors: a named input spec would reach predict as a dict, not the array users pass.
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim))]),
-    )
+    signature = encoder_signature(feature_dim)
     flat_params = _as_tags(params)
     with mlflow.start_run(run_id=run_id) as run:
-        mlflow.log_metrics(metrics)
+        logged = run.data.metrics  # what the evaluations logged already: only those DVC skipped are missing
+        mlflow.log_metrics({key: value for key, value in metrics.items() if logged.get(key) != value})
         mlflow.set_tags(lineage)
         for path in pictures:
             mlflow.log_artifact(str(path), artifact_path="pictures")
@@ -281,7 +339,7 @@ def register_encoder(
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,
             input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=serving_requirements(),
         )
     param_tags = {f"params.{k}": v for k, v in flat_params.items()}
     tags = {
@@ -291,37 +349,82 @@ def register_encoder(
         "run_id": run.info.run_id,
     }
     # The version's tags in the call that creates it: one write, where a tag at a time took seconds.
-    version = mlflow.register_model(info.model_uri, config.model_name, tags=tags).version
-    client = MlflowClient()
+    version = str(mlflow.register_model(info.model_uri, config.model_name, tags=tags).version)
     score = metrics[champion_metric]
-    # What decides what a score means: the data and how it is evaluated.
-    comparable = {
-        "dataset_sha256": lineage["dataset_sha256"],
-        **{k: v for k, v in param_tags.items() if k.startswith(("params.data.", "params.eval."))},
-    }
-    champion_score = _champion_score(client, config, comparable, champion_metric)
-    alias = CHAMPION if champion_score is None or score > champion_score else CHALLENGER
-    client.set_registered_model_alias(config.model_name, alias, version)
-    return Registration(
-        config.model_name, str(version), alias, score, champion_score, f"models:/{config.model_name}/{version}"
-    )
+    with _registry_lock(resolve_tracking_uri(config, root)):  # decide on the champion as it is now, then set
+        alias, champion = _choose_alias(MlflowClient(), config.model_name, tags, score, champion_metric)
+        MlflowClient().set_registered_model_alias(config.model_name, alias, version)
+    return Registration(config.model_name, version, alias, score, champion, f"models:/{config.model_name}/{version}")
 
 
-def _champion_score(
-    client: MlflowClient, config: MlflowConfig, comparable: dict[str, str], metric: str
-) -> float | None:
-    """The champion's score, or None when there is none or its score means something else.
+# What a champion metric's value depends on besides the encoder, as version tags: the data (every split's hash) and
+# the keys of its protocol (knn's k is in the metric's name).
+SCORE_DEPENDS_ON = {"knn": ("params.eval.knn.temperature",), "linear": ("params.eval.linear.", "params.eval.seeds")}
 
-    A champion evaluated on other data, or by another protocol, cannot be beaten or kept on a number
-    that is not comparable: the new version starts a new line of champions.
-    """
-    aliases = client.get_registered_model(config.model_name).aliases  # the model exists: we just registered
+
+def score_definition(tags: dict[str, str], metric: str) -> dict[str, str | None]:
+    """The tags of a version that must be equal for its `metric` to be comparable with another version's."""
+    prefixes = SCORE_DEPENDS_ON.get(metric.split(".")[0], ())
+    keys = {key for key in tags if key.startswith(prefixes)} | {p for p in prefixes if not p.endswith(".")}
+    return {"dataset_sha256": tags.get("dataset_sha256"), **{key: tags.get(key) for key in sorted(keys)}}
+
+
+def _choose_alias(
+    client: MlflowClient, name: str, tags: dict[str, str], score: float, metric: str
+) -> tuple[str, Comparison | None]:
+    """`champion` when there is none or the new score beats the champion's on the same definition; else
+    `challenger` (a worse score, or one that cannot be compared: promoting it is the user's call)."""
+    aliases = client.get_registered_model(name).aliases  # the model exists: we just registered
     if CHAMPION not in aliases:
-        return None
-    champion = client.get_model_version(config.model_name, aliases[CHAMPION])
-    if any(champion.tags.get(key) != value for key, value in comparable.items()):
-        return None
-    return client.get_run(champion.run_id).data.metrics.get(metric)
+        return CHAMPION, None
+    champion = client.get_model_version(name, aliases[CHAMPION])
+    theirs, ours = score_definition(champion.tags, metric), score_definition(tags, metric)
+    differs = [key.removeprefix("params.") for key in ours if theirs.get(key) != ours[key]]
+    # Its score as registered (a tag), not its run's metric, which a later evaluation of the same encoder rewrites.
+    registered = champion.tags.get(f"metrics.{metric}")
+    champion_score = None if differs or registered is None else float(registered)
+    comparison = Comparison(str(champion.version), champion_score, differs)
+    if champion_score is not None and score > champion_score:
+        return CHAMPION, comparison
+    return CHALLENGER, comparison
+
+
+@contextmanager
+def _registry_lock(uri: str):
+    """Serialise the champion's read-compare-set (and a store's creation) among processes using one local store
+    (two `dvc exp run`s at once): an exclusive lock on a file beside the SQLite database. A server store has no
+    file to lock; there the champion is read just before the alias is set."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@_mlflow_errors()
+def promote(config: MlflowConfig, root: str | Path, version: str) -> str | None:
+    """Make `version` the champion, whatever its score (the explicit act a non-comparable challenger needs);
+    returns the version it replaces."""
+    from selfsup.errors import TrackingError
+
+    use_experiment(config, root)
+    client = MlflowClient()
+    versions = {str(v.version) for v in client.search_model_versions(f"name = '{config.model_name}'")}
+    if str(version) not in versions:
+        listed = ", ".join(sorted(versions, key=int)) or "none"
+        raise TrackingError(f"{config.model_name} has no version {version} (versions: {listed})")
+    with _registry_lock(resolve_tracking_uri(config, root)):
+        aliases = {alias: str(v) for alias, v in client.get_registered_model(config.model_name).aliases.items()}
+        client.set_registered_model_alias(config.model_name, CHAMPION, str(version))
+        if aliases.get(CHALLENGER) == str(version):
+            client.delete_registered_model_alias(config.model_name, CHALLENGER)
+    return aliases.get(CHAMPION)
 
 
 def _as_tags(tree: dict) -> dict[str, str]:
