@@ -8,7 +8,6 @@ recipe fails here, not in the middle of an experiment. Later `-S` flags on the c
 from __future__ import annotations
 
 import argparse
-import json
 
 import yaml
 
@@ -16,6 +15,7 @@ from pipelines.common import ROOT, read_params, run_stage
 from selfsup.dotted import flatten, set_dotted
 from selfsup.errors import ConfigError
 from selfsup.params import load_params
+from selfsup.sweep import set_flags
 
 RECIPES = ROOT / "recipes"
 
@@ -48,14 +48,7 @@ def main() -> None:
     current = read_params().model_dump(mode="json")
     current["data"]["root"] = current["data"]["root"] or "ROOT"  # the user passes data.root after the recipe
     load_params(apply(current, overrides))  # a bad recipe fails here, naming the key
-    print(" ".join(f"-S {key}={_yaml_value(value)}" for key, value in overrides.items()))
-
-
-def _yaml_value(value: object) -> str:
-    """A value as `-S` parses it (YAML), with no spaces, so that `$(...)` keeps each flag one word."""
-    if isinstance(value, str) and yaml.safe_load(value) == value and value.isidentifier():
-        return value
-    return json.dumps(value, separators=(",", ":"))  # JSON is YAML
+    print(set_flags(overrides))  # the formatter `--adopt` uses: no whitespace, so `$(...)` keeps each flag whole
 
 
 if __name__ == "__main__":

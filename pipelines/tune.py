@@ -1,6 +1,7 @@
 """Stage `tune` (in sweeps/dvc.yaml, so a plain `dvc repro` leaves it out): a Ray Tune sweep of pretraining.
 
     python -m pipelines.tune                          # the sweep params.yaml's `tune:` describes
+    python -m pipelines.tune -S tune.num_samples=4 -S tune.name=lr   # params changed for this run, as `dvc exp run -S`
     python -m pipelines.tune --resume                 # continue an interrupted one; finished trials stay done
     dvc exp run $(python -m pipelines.tune --adopt)   # the winner's values, as the pipeline's own params
 
@@ -11,18 +12,25 @@ a child run per trial.
 """
 
 import argparse
-import shutil
 import time
 from pathlib import Path
+
+import yaml
 
 from pipelines.common import PREPARED, ROOT, read_params, run_stage, write_json
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.errors import ConfigError
 from selfsup.methods import check_data
+from selfsup.params import Params, load_params
 from selfsup.sweep import (
     adopt_flags,
+    apply_set_flags,
+    check_fresh_start,
     check_search_space,
+    parse_set_flags,
     sorted_trials,
+    start_afresh,
+    sweep_path,
     trials_table,
     write_best_params,
     write_trials_csv,
@@ -37,30 +45,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     parser.add_argument("--adopt", action="store_true", help="print the best trial's values as `dvc exp run` flags")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a param of params.yaml for this run (`-S tune.num_samples=4`), as `dvc exp run -S` does",
+    )
     args = parser.parse_args()
     if args.adopt:
         print(adopt_flags(BEST_PARAMS))
         return
-    params = read_params()
+    params = read_params_with(args.set_param)
     config = params.tune
     check_search_space(params)  # before Ray starts and before any trial
+    storage = config.storage_path or str(SWEEPS / "ray")
+    storage = storage if "://" in storage else str(Path(storage).resolve())
+    path = sweep_path(storage, config.name)
+    if not args.resume:
+        check_fresh_start(path)  # a folder selfsup did not make for a sweep is refused before anything starts
     manifest = Manifest.read(PREPARED)
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     check_data(params.method, train.images, manifest.source)  # colorization on gray images: no trial can learn
-    storage = config.storage_path or str(SWEEPS / "ray")
-    storage = storage if "://" in storage else str(Path(storage).resolve())
 
     from selfsup.eval.pictures import plot_sweep
     from selfsup.tracking import TrialRuns, end_sweep_run, sweep_parent_run, use_experiment
     from selfsup.train.ray_trainer import connect_ray
-    from selfsup.train.ray_tune import MlflowTrials, run_sweep, sweep_path
+    from selfsup.train.ray_tune import MlflowTrials, run_sweep
 
-    connect_ray()  # an unreachable RAY_ADDRESS fails here, within seconds, before MLflow records a sweep
+    connect_ray(params.scaling.dashboard)  # an unreachable RAY_ADDRESS fails here, before MLflow records a sweep
 
-    path = sweep_path(storage, config.name)
-    if not args.resume and "://" not in path and Path(path).exists():
-        print(f"starting afresh in {path} (`--resume` continues the sweep there instead)")
-        shutil.rmtree(path)
+    if not args.resume:
+        start_afresh(path)  # deletes the previous sweep of this name (only one selfsup started), marks the new one
     monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k)
     tracked = params.model_dump(mode="json", include={"model", "method", "views", "train", "tune"})
     parent = sweep_parent_run(params.mlflow, ROOT, path, tracked, args.resume)  # an unreachable server fails here
@@ -96,10 +113,23 @@ def main() -> None:
     end_sweep_run(parent, {k: v for k, v in summary.items() if k != "wall_s"}, artifacts)
     print(trials_table(ranked, keys, metric))
     print(
-        f"\n{len(ranked)} trials in {wall:.0f} s ({summary['stopped_early']} stopped early by ASHA); best "
+        f"\n{len(ranked)} trials in {wall:.0f} s ({summary['stopped_early']} stopped early); best "
         f"{metric} {ranked[0].metric:.4f}, written to {BEST_PARAMS.relative_to(ROOT)}. Adopt it with:\n"
         "  dvc exp run $(python -m pipelines.tune --adopt)"
     )
+
+
+def read_params_with(overrides: list[str], path: Path = ROOT / "params.yaml") -> Params:
+    """params.yaml with `-S key=value` overrides applied to its raw mapping, then validated as params.yaml is: a
+    bad value gets the same one-line error it would get there."""
+    if not overrides:
+        return read_params(path)
+    values = parse_set_flags(overrides)  # a malformed flag fails before the file is read
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return read_params(path)  # raises its one-line error for a missing or broken file
+    return load_params(apply_set_flags(raw if isinstance(raw, dict) else {}, values))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Ray Tune sweeps for real: the `tune` stage on the embedded digits, ASHA, MLflow's parent and child runs, a
-killed driver resumed, and a two-node cluster."""
+"""Ray Tune sweeps for real: the `tune` stage on the embedded digits, ASHA in trial order (the same winner twice),
+MLflow's parent and child runs, max_concurrent_trials, a killed driver resumed, and a two-node cluster."""
 
 from __future__ import annotations
 
@@ -60,6 +60,22 @@ def set_tune(repo: Path, **tune) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def most_at_once(results: dict[str, list[dict]]) -> int:
+    """The most trials whose spans (their process's start to their last report) overlapped."""
+    spans = [(reports[0]["started_at"], reports[-1]["reported_at"]) for reports in results.values() if reports]
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # an end before a start
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
+
+
+def outcome(rows: list[dict]) -> list[tuple]:
+    """A sweep's table without what differs between runs of the same sweep (trial ids, nodes)."""
+    return [tuple(v for k, v in row.items() if k not in ("trial", "node_ip", "node_id")) for row in rows]
+
+
 def mlflow_runs(repo: Path):
     import mlflow
 
@@ -72,18 +88,22 @@ def mlflow_runs(repo: Path):
     return client, parents, children
 
 
-def test_a_sweep_is_a_dvc_stage_run_when_asked_where_asha_stops_poor_trials_early(sweep_repo):
+def test_a_sweep_is_a_dvc_stage_run_when_asked_where_asha_stops_poor_trials_early_and_repeats_its_winner(sweep_repo):
     """`dvc repro sweeps/dvc.yaml` runs it (a plain `dvc repro` runs the ten stages of ./dvc.yaml only, as
-    test_pipeline.py checks). One trial at a time, so ASHA has earlier trials to compare each one with."""
+    test_pipeline.py checks). Two trials at a time: ASHA decides in the trials' order, so the same sweep run again
+    (its name changed on the command line) stops the same trials and picks the same winner."""
     repo, env = sweep_repo
     asha = {"grace_period": 1, "reduction_factor": 2}
-    update_params(repo, {"tune": {"epochs": 4, "max_concurrent_trials": 1, "asha": asha}})
+    tune = {"epochs": 4, "max_concurrent_trials": 2, "scheduler": "asha", "asha": asha}
+    update_params(repo, {"train": {"monitor_every": 2}, "tune": tune})  # a report (and a rung) every 2 epochs
     result = run(["dvc", "repro", "sweeps/dvc.yaml"], repo, env)
     assert result.returncode == 0, result.output
     assert "Running stage 'sweeps/dvc.yaml:tune'" in result.output
 
     rows = trials(repo)
     assert len(rows) == 4 and {row["status"] for row in rows} <= {"completed", "stopped early"}
+    assert all(row["node_ip"] and row["node_id"] for row in rows), rows
+    assert most_at_once(trial_results(repo)) <= 2
     stopped = [row for row in rows if row["status"] == "stopped early"]
     assert stopped and all(int(row["epochs"]) < 4 for row in stopped), rows
     assert any(row["status"] == "completed" and int(row["epochs"]) == 4 for row in rows)
@@ -108,16 +128,29 @@ def test_a_sweep_is_a_dvc_stage_run_when_asked_where_asha_stops_poor_trials_earl
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    epochs_run = {row["trial"]: int(row["epochs"]) for row in rows}
     for child in children:
         assert set(child.data.params) == {"method.simclr.temperature", "train.lr"}
-        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "monitor_knn_top1")]
-        assert epochs == list(range(1, len(epochs) + 1)) and epochs, epochs  # one point per monitored epoch
+        history = {
+            key: [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            for key in ("loss", "lr", "monitor_knn_top1")
+        }
+        last = len(history["loss"])  # every epoch up to its last report (a trial may run past its stop)
+        assert last >= epochs_run[child.data.tags["trial"]] and last % 2 == 0, history
+        assert history["loss"] == history["lr"] == list(range(1, last + 1)), history
+        assert history["monitor_knn_top1"] == list(range(2, last + 1, 2)), history  # each monitored epoch
     assert parents[0].data.metrics["best_monitor_knn_top1"] == pytest.approx(scores[0])
+
+    again = run(["python", "-m", "pipelines.tune", "-S", "tune.name=again"], repo, env)
+    assert again.returncode == 0, again.output
+    assert (repo / "sweeps" / "ray" / "again" / ".selfsup-sweep").is_file()
+    assert outcome(trials(repo)) == outcome(rows)  # the same statuses, epochs, scores and winner
+    update_params(repo, {"train": {"monitor_every": 1}})
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_repo):
     repo, env = sweep_repo
-    update_params(repo, {"tune": {"name": "resumed", "epochs": 3, "max_concurrent_trials": 1, "asha": None}})
+    update_params(repo, {"tune": {"name": "resumed", "epochs": 3, "max_concurrent_trials": 1, "scheduler": "fifo"}})
     driver = subprocess.Popen(
         ["python", "-m", "pipelines.tune"],
         cwd=repo,
@@ -190,7 +223,8 @@ def test_a_colorization_sweep_on_gray_images_stops_before_ray_starts(sweep_repo)
     assert line.startswith("error: params.yaml: method.name=colorization predicts colour") and "is gray" in line
 
 
-def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate(sweep_repo):
+def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate_one_trial_at_a_time(sweep_repo):
+    """max_concurrent_trials: 1 runs one trial after the other, though the cluster has room for two."""
     repo, env = sweep_repo
     set_tune(
         repo,
@@ -198,7 +232,8 @@ def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate(sweep_rep
         metric="monitor_linear_top1",
         num_samples=2,
         epochs=2,
-        asha=None,
+        max_concurrent_trials=1,
+        scheduler="fifo",
         storage_path=None,
         space={"eval.linear.lr": {"loguniform": [0.001, 0.1]}, "train.lr": {"loguniform": [0.05, 0.5]}},
     )
@@ -208,6 +243,7 @@ def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate(sweep_rep
     assert len(rows) == 2 and all(0.1 < float(row["monitor_linear_top1"]) <= 1 for row in rows)
     assert len({row["eval.linear.lr"] for row in rows}) == 2
     assert "eval" in yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())
+    assert most_at_once(trial_results(repo, "probed")) == 1
 
 
 def test_a_sweep_whose_every_trial_fails_says_so_in_one_line_and_lists_the_errors(sweep_repo):
@@ -218,7 +254,7 @@ def test_a_sweep_whose_every_trial_fails_says_so_in_one_line_and_lists_the_error
         metric="monitor_knn_top1",
         num_samples=2,
         epochs=2,
-        asha=None,
+        scheduler="fifo",
         storage_path=None,
         space={"train.lr": {"choice": [1.0e6]}},  # the loss becomes NaN in the first epoch
     )
