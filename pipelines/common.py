@@ -10,7 +10,7 @@ from typing import Callable
 import yaml
 
 from selfsup.errors import ConfigError, SelfsupError
-from selfsup.params import Params, load_params
+from selfsup.params import Params, load_params, read_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PREPARED = ROOT / "data" / "prepared"
@@ -26,7 +26,7 @@ PLOTS = ROOT / "plots"
 
 def read_params(path: Path = ROOT / "params.yaml") -> Params:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"no {path}: copy params.yaml from the repository") from None
     except yaml.YAMLError as error:

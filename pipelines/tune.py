@@ -21,7 +21,7 @@ from pipelines.common import PREPARED, ROOT, read_params, run_stage, write_json
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.errors import ConfigError
 from selfsup.methods import check_data
-from selfsup.params import Params, load_params
+from selfsup.params import Params, load_params, read_yaml
 from selfsup.sweep import (
     adopt_flags,
     apply_set_flags,
@@ -126,7 +126,7 @@ def read_params_with(overrides: list[str], path: Path = ROOT / "params.yaml") ->
         return read_params(path)
     values = parse_set_flags(overrides)  # a malformed flag fails before the file is read
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except (OSError, yaml.YAMLError):
         return read_params(path)  # raises its one-line error for a missing or broken file
     return load_params(apply_set_flags(raw if isinstance(raw, dict) else {}, values))

@@ -10,8 +10,10 @@ key, the value and what is allowed.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
+import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, create_model, field_validator, model_validator
 
 from selfsup.config import (
@@ -135,6 +137,24 @@ def learning_rate(train: TrainConfig, method: MethodConfig) -> float:
         return train.lr
     per_256_images = ADAMW_LR if train.optimizer == "adamw" else METHODS[method.name].lr
     return per_256_images * train.batch_size / 256
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-05` (no dot) is a string; `dvc exp run -S train.lr=1e-5` writes exactly that
+    into params.yaml (DVC's ruamel speaks YAML 1.2). Floats are resolved as YAML 1.2 does."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """A params-style YAML document, its numbers read as YAML 1.2 (and DVC) read them."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def load_params(raw: dict[str, Any] | None) -> Params:

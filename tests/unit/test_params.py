@@ -245,6 +245,20 @@ def test_read_params_reports_missing_and_malformed_files(tmp_path: Path) -> None
         read_params(typo)
 
 
+def test_numbers_dvc_writes_are_read_as_numbers(tmp_path: Path) -> None:
+    """`dvc exp run -S train.lr=1e-5` writes `lr: 1e-05` (YAML 1.2, no dot), which YAML 1.1 reads as a string."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    with modify_yaml(path) as raw:  # what `dvc exp run -S` does to params.yaml
+        raw["train"].update(lr=1e-5, weight_decay=1e-6)
+    assert "lr: 1e-05" in path.read_text()
+    params = read_params(path)
+    assert (params.train.lr, params.train.weight_decay) == (1e-5, 1e-6)
+    assert params.train.epochs == REPO_PARAMS["train"]["epochs"] and isinstance(params.train.epochs, int)
+
+
 # --- how a stage reports an error ----------------------------------------------------------------
 
 STAGE_SCRIPT = """
