@@ -117,6 +117,11 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
         encoder.load_state_dict(state)
     except FileNotFoundError:
         raise FileNotFoundError(f"no encoder at {path}: run `dvc repro pretrain` first") from None
+    except ImportError as error:  # the environment lacks what the backbone is built from, not a bad file
+        raise ImportError(
+            f"loading the encoder at {path} needs {error.name or error}: pip install {error.name or ''}"
+            " (a registered model lists what it needs in its requirements.txt)"
+        ) from None
     except Exception as error:  # truncated file, wrong format, mismatched weights
         raise CheckpointError(f"cannot load the encoder at {path} ({error}); re-run `dvc repro -f pretrain`") from None
     return encoder.eval(), saved["image_size"]
