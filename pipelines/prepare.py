@@ -19,7 +19,9 @@ def main() -> None:
     if sys.argv[1:] == ["transfer"]:
         target = params.eval.transfer
         size = Manifest.read(PREPARED).image_size[0]
-        config = DataConfig(**target.model_dump(), image_size=size, val_fraction=params.data.val_fraction)
+        # Read under the data section's limits: the same split and the same caps on images (data.max_*).
+        shared = ("val_fraction", "max_image_pixels", "max_unreadable_fraction")
+        config = DataConfig(**target.model_dump(), image_size=size, **params.data.model_dump(include=set(shared)))
         manifest = prepare_dataset(config, TRANSFER)
     else:
         manifest = prepare_dataset(params.data, PREPARED)
