@@ -162,35 +162,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_CLUSTER_TEMP_DIRS: dict[str, str] = {}  # address -> the temp dir of a cluster ray_cluster started
+
+
 @contextmanager
 def ray_cluster(env: dict[str, str], node_cpus: list[int]) -> Iterator[str]:
     """A real Ray cluster on this machine, one node per entry of node_cpus (the first is the head); yields the
     RAY_ADDRESS that reaches it, and stops exactly its own processes afterwards."""
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Unix socket paths stop at 107 bytes
+    address = f"127.0.0.1:{port}"
+    _CLUSTER_TEMP_DIRS[address] = temp_dir
+    dashboard_port = free_port()
+    # Several Ray instances live on this host at once (two clusters, the stages' private ones): Ray Train's
+    # placement-group cleaner must ask this cluster's own dashboard, which the workers learn from here.
+    settings = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # the stages' own setting (ray_trainer)
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+    }
     try:
         for i, cpus in enumerate(node_cpus):
-            where = ["--head", f"--port={port}", "--disable-usage-stats"] if i == 0 else [f"--address=127.0.0.1:{port}"]
+            head = ["--head", f"--port={port}", "--disable-usage-stats", f"--dashboard-port={dashboard_port}"]
+            where = head if i == 0 else [f"--address=127.0.0.1:{port}"]
             common = [f"--num-cpus={cpus}", "--object-store-memory=100000000", f"--temp-dir={temp_dir}"]
             subprocess.run(
                 ["ray", "start", *where, *common],
-                env={**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},  # the stages' own setting (ray_trainer)
+                env={**env, **settings},
                 check=True,
                 capture_output=True,
                 timeout=120,
             )
-        yield f"127.0.0.1:{port}"
+        yield address
     finally:
-        _stop_ray_cluster(temp_dir, port)
+        _stop_ray_cluster(address)
 
 
-def ray_cluster_processes(port: int, temp_dir: str | None = None) -> set[psutil.Process]:
-    """The processes of the cluster whose GCS listens on `port` (or whose files are in `temp_dir`): those started
-    with either in their command line, and everything below them (its raylets' workers among them)."""
-    marks = [f":{port}"] + ([temp_dir] if temp_dir else [])
-    ours = [
-        p for p in psutil.process_iter(["cmdline"]) if any(m in arg for m in marks for arg in p.info["cmdline"] or [])
-    ]
+def ray_cluster_processes(address: str) -> set[psutil.Process]:
+    """The processes of the cluster `ray_cluster` started at `address`: those whose command line names its own
+    temp dir (GCS, raylets, dashboard and agents), and everything below them (the raylets' workers, whose
+    command lines Ray rewrites). Never another Ray on the host, whatever its port."""
+    temp_dir = _CLUSTER_TEMP_DIRS[address]
+    ours = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in arg for arg in p.info["cmdline"] or [])]
     processes = set()
     for root in ours:
         try:
@@ -200,9 +212,9 @@ def ray_cluster_processes(port: int, temp_dir: str | None = None) -> set[psutil.
     return processes
 
 
-def _stop_ray_cluster(temp_dir: str, port: int) -> None:
+def _stop_ray_cluster(address: str) -> None:
     """Stop only this cluster's processes (`ray stop` would end every Ray instance on the host)."""
-    processes = ray_cluster_processes(port, temp_dir)
+    processes = ray_cluster_processes(address)
     for process in processes:
         process.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(list(processes), timeout=3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,42 +160,73 @@ def test_second_repro_runs_nothing(pipeline_repo):
     assert "up to date" in status.output, status.output
 
 
-def test_an_experiment_switching_the_method_reruns_pretrain_and_what_follows_only(pipeline_repo):
-    """`dvc exp run` with a changed pretrain param (here the method itself: Exemplar-CNN, which the stage hands
-    its images' indices, a class per training image, plus the auxiliary labelled loss, for which it hands the
-    labels too) re-runs pretrain and every stage after it, and only those: the data, the transfer target and the
-    label subsets stay. Its MLflow run carries the experiment's name."""
+def wait_for_the_queue(repo: Path, env: dict[str, str], timeout: float = 600) -> str:
+    """`dvc queue status` once nothing is queued or running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(["dvc", "queue", "status"], repo, env).output
+        if "Running" not in status and "Queued" not in status:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+
+
+def test_two_queued_experiments_at_once_rerun_from_pretrain_and_land_in_the_projects_registry(pipeline_repo):
+    """`dvc exp run --queue` runs each experiment in a temporary copy of the workspace that DVC deletes afterwards;
+    `dvc queue start --jobs 2` runs two at once, each on a private Ray instance of its own. Each re-runs pretrain and
+    every stage after it, and only those (the data, the transfer target and the label subsets stay). Their MLflow
+    runs and registered versions land in the project's one store, loadable once the copies are gone, and the
+    champion is the best of the comparable versions whichever registered first. One switches the method to
+    Exemplar-CNN, which the stage hands its images' indices (a class per image) and, for the auxiliary labelled
+    loss, the labels."""
     repo, env = pipeline_repo
+    private = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # two private instances beside the suite's
     first = read_json(repo / "models" / "registration.json")
     subsets = (repo / "data" / "label_subsets.json").read_text()
     run(["git", "add", "-A"], repo, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "simclr"], repo, env)
     knobs = [f"method.exemplar.{key}={value}" for key, value in SMALL_KNOBS["exemplar"].items()]
-    command = ["dvc", "exp", "run", "--name", "exemplar-small", "-S", "method.name=exemplar", *TINY_OVERRIDES]
-    command += ["-S", "train.label_loss_weight=0.5"]  # without the labels the stage would stop with a ConfigError
-    result = run([*command, *(arg for knob in knobs for arg in ("-S", knob))], repo, env)
-    assert result.returncode == 0, result.output
-    assert sorted(ran_stages(result.output)) == sorted(STAGES[3:])
-    assert (repo / "data" / "label_subsets.json").read_text() == subsets  # the same images for every method
-
-    second = read_json(repo / "models" / "registration.json")
-    assert second["version"] == "2"
-    assert read_json(repo / "metrics" / "pretrain.json")["epochs"] == TINY_PARAMS["train"]["epochs"]
-    # Same data and the same kNN temperature: the two kNN scores are comparable, and `champion` moves only if the
-    # experiment beats version 1 (test_tracking covers the incomparable case).
-    assert first["alias"] == "champion"
-    assert second["champion"] == {"version": "1", "score": first["score"], "differs": []}
-    assert second["alias"] == ("champion" if second["score"] > first["score"] else "challenger")
+    experiments = {
+        # without train.label_loss_weight's labels the stage would stop with a ConfigError
+        "exemplar-small": ["method.name=exemplar", "train.label_loss_weight=0.5", *knobs],
+        "simclr-small": ["train.lr=0.1"],
+    }
+    for name, settings in experiments.items():
+        flags = [arg for setting in settings for arg in ("-S", setting)]
+        queued = run(["dvc", "exp", "run", "--queue", "--name", name, *TINY_OVERRIDES, *flags], repo, private)
+        assert queued.returncode == 0, queued.output
+    assert run(["dvc", "queue", "start", "--jobs", "2"], repo, private).returncode == 0
+    status = wait_for_the_queue(repo, private)
+    logs = {name: run(["dvc", "queue", "logs", name], repo, private).output for name in experiments}
+    assert status.count("Success") == 2, (status, logs)
+    for name, log in logs.items():
+        assert sorted(ran_stages(log)) == sorted(STAGES[3:]), (name, log[-3000:])
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    experiment_run = client.get_run(client.get_model_version(second["name"], "2").run_id)
-    assert experiment_run.data.tags["dvc_experiment"] == "exemplar-small"
-    assert experiment_run.data.params["method.name"] == "exemplar"
-    assert experiment_run.data.params["train.label_loss_weight"] == "0.5"
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing was written inside the copies
+    versions = {str(v.version): v for v in client.search_model_versions(f"name = '{first['name']}'")}
+    assert sorted(versions) == ["1", "2", "3"]
+    runs = {client.get_run(versions[v].run_id).data.tags["dvc_experiment"]: versions[v].run_id for v in ("2", "3")}
+    assert runs.keys() == experiments.keys()
+    exemplar = client.get_run(runs["exemplar-small"]).data.params
+    assert (exemplar["method.name"], exemplar["train.label_loss_weight"]) == ("exemplar", "0.5")
+    for run_id in runs.values():
+        losses = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in losses) == list(range(1, TINY_PARAMS["train"]["epochs"] + 1))
+    # Same data and kNN temperature: all three scores are comparable, and the champion is the best of them.
+    scores = {v: float(version.tags["metrics.knn.val.k20.top1"]) for v, version in versions.items()}
+    assert scores["1"] == first["score"]
+    champion = str(client.get_registered_model(first["name"]).aliases["champion"])
+    assert scores[champion] == max(scores.values()), (champion, scores)
+    model = mlflow.pyfunc.load_model(f"models:/{first['name']}@champion")
+    assert model.predict(np.zeros((2, 16, 16, 3), dtype=np.uint8)).shape[0] == 2
 
+    applied = run(["dvc", "exp", "apply", "exemplar-small"], repo, env)
+    assert applied.returncode == 0, applied.output
+    assert (repo / "data" / "label_subsets.json").read_text() == subsets  # the same images for every method
+    assert read_json(repo / "metrics" / "pretrain.json")["epochs"] == TINY_PARAMS["train"]["epochs"]
     diff = run(["dvc", "metrics", "diff", "HEAD", "--json"], repo, env)
     assert diff.returncode == 0, diff.output
     changed = json.loads(diff.stdout)

@@ -24,7 +24,7 @@ RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")  # a log line Ray
 def _ray_train_workers(address: str) -> list[psutil.Process]:
     """The Ray Train workers of the cluster this test session started (`address`): no other Ray on the host."""
     workers = []
-    for process in ray_cluster_processes(int(address.rsplit(":", 1)[1])):
+    for process in ray_cluster_processes(address):
         try:
             if any("RayTrainWorker" in part for part in process.cmdline()):
                 workers.append(process)
