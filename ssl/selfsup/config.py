@@ -51,13 +51,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-SOURCES = ("digits", "mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+SOURCES = ("digits", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "folder", "filelist")
+UNLABELLED_SOURCES = ("folder", "filelist")  # images only: pretraining needs no labels
 EMBEDDED_SOURCES = ("digits", "mnist")  # shipped inside installed packages: no root, no download
 
 
 class DataConfig(_Section):
     source: Literal[SOURCES] = "digits"
-    root: str | None = None  # folder of a torchvision or imagefolder source
+    # The dataset's folder (torchvision's files; imagefolder's root/<class>/ images). folder: every image below
+    # it, in any structure, without labels (a list of folders reads them all). filelist: a text file naming
+    # one image per line (relative to the file's own folder, or absolute).
+    root: str | list[str] | None = None
     download: bool = False  # let torchvision download a missing dataset (needs internet)
     image_size: int | None = Field(default=16, ge=8, le=512)  # square resize; None keeps native
     test_fraction: float = Field(default=0.2, gt=0, lt=1)  # when the source has no test split
@@ -77,7 +81,13 @@ class DataConfig(_Section):
     def _root_when_needed(self) -> DataConfig:
         if self.source not in EMBEDDED_SOURCES and not self.root:
             raise ValueError(f"data.root is required for data.source={self.source!r}: set it to the dataset folder")
+        if isinstance(self.root, list) and self.source != "folder":
+            raise ValueError(f"data.root is a list, which only data.source=folder reads; {self.source} reads one")
         return self
+
+    @property
+    def labelled(self) -> bool:
+        return self.source not in UNLABELLED_SOURCES
 
 
 class ModelConfig(_Section):
@@ -209,6 +219,8 @@ class TransferConfig(_Section):
 
     @model_validator(mode="after")
     def _root_when_needed(self) -> TransferConfig:
+        if self.source in UNLABELLED_SOURCES:
+            raise ValueError(f"eval.transfer.source={self.source} has no labels: the transfer target needs them")
         if self.source not in EMBEDDED_SOURCES and not self.root:
             raise ValueError(
                 f"eval.transfer.root is required for eval.transfer.source={self.source!r}: set it to the dataset folder"
@@ -233,7 +245,8 @@ class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides it
     experiment: str = "selfsup"
     model_name: str = Field(default="selfsup-encoder", min_length=1)
-    # Decided on the validation split, never on test: knn_k<K>_top1 (K one of eval.knn.k) or linear_top1.
+    # Decided on the validation split, never on test: knn_k<K>_top1 (K one of eval.knn.k), linear_top1, or
+    # rankme (label-free: RankMe of held-out images' representations, measured at the end of pretraining).
     champion_metric: str = "knn_k20_top1"
 
 

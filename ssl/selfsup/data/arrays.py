@@ -1,7 +1,8 @@
 """The prepared dataset on disk: one array file per split and a manifest that describes them.
 
 A split file is an uncompressed `.npz` with `images` (uint8, N x H x W x 3) and `labels` (int64, N).
-Labels sit beside the images but pretraining reads only `images`.
+Labels sit beside the images but pretraining reads only `images`. A source without labels (folder, filelist)
+has no class names, every label -1, and no test split.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Manifest:
             return cls(**json.loads(path.read_text()))
         except (ValueError, TypeError) as error:  # not JSON, or written by another version
             raise DatasetError(f"{path} is unreadable ({error}): re-run `dvc repro -f prepare`") from None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
 
     def split_path(self, folder: str | Path, split: str) -> Path:
         if split not in self.splits:

@@ -29,6 +29,7 @@ BACKGROUND = (255, 255, 255)
 # than any format Pillow decodes stores) plus 16 MiB of metadata. A larger file is not read into memory.
 BYTES_PER_PIXEL, METADATA_BYTES = 16, 16 << 20
 DATA_DEFAULTS = DataConfig()
+UNLABELLED = -1  # the label of every image of a source without labels (folder, filelist)
 
 
 def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
@@ -41,14 +42,19 @@ def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
         "cifar100": _read_torchvision,
         "stl10": _read_torchvision,
         "imagefolder": _read_imagefolder,
+        "folder": _read_folder,
+        "filelist": _read_filelist,
     }
     splits, class_names = readers[config.source](config)
-    train, val = stratified_split(splits["train"].labels, config.val_fraction, config.seed + 1)
     whole = splits["train"]
+    if class_names:
+        train, val = stratified_split(whole.labels, config.val_fraction, config.seed + 1)
+    else:  # no classes to balance: a random share, held out for label-free measures
+        train, val = random_split(len(whole.images), config.val_fraction, config.seed + 1)
     splits = {
         "train": Split(whole.images[train], whole.labels[train]),
         "val": Split(whole.images[val], whole.labels[val]),
-        "test": splits["test"],
+        **({"test": splits["test"]} if "test" in splits else {}),
     }
     if config.image_size:
         splits = {name: Split(resize_square(s.images, config.image_size), s.labels) for name, s in splits.items()}
@@ -81,6 +87,15 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
         test.append(members[:n_test])
         train.append(members[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def random_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of a random split of `count` items, `fraction` of them (at least one) in the second part."""
+    if count < 2:
+        raise DatasetError(f"{count} image(s): at least 2 are needed to hold data.val_fraction out for validation")
+    order = np.random.default_rng(seed).permutation(count)
+    held_out = min(count - 1, max(1, round(count * fraction)))
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
 
 
 def _split_by_fraction(images: np.ndarray, labels: np.ndarray, config: DataConfig) -> dict[str, Split]:
@@ -144,6 +159,12 @@ def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
     root = Path(config.root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data.root={root} is not a folder: point it at a folder of class subfolders")
+    classes = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if len(classes) == 1 and classes[0] not in ("train", "test"):
+        raise DatasetError(
+            f"{root} has one class folder ({classes[0]}), so every evaluation would score 100%: for images "
+            "without labels set data.source: folder; for labels, one subfolder per class"
+        )
     if (root / "train").is_dir() and (root / "test").is_dir():
         train_files, classes = _list_class_files(root / "train")
         test_files, test_classes = _list_class_files(root / "test")
@@ -163,6 +184,45 @@ def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
         max_unreadable_fraction=config.max_unreadable_fraction,
     )
     return _split_by_fraction(split.images, split.labels, config), classes
+
+
+def _read_folder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
+    """Every image below data.root (one folder or a list), in any structure: no classes, no labels."""
+    roots = [Path(root).expanduser() for root in (config.root if isinstance(config.root, list) else [config.root])]
+    files = []
+    for root in roots:
+        if not root.is_dir():
+            raise DatasetError(f"data.root={root} is not a folder: point data.root at the folder of your images")
+        found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise DatasetError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in any of its folders")
+        files += found
+    return {"train": _decode_unlabelled(files, config)}, []
+
+
+def _read_filelist(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
+    """The images a text file names, one path per line (relative to the file's folder, or absolute); blank lines
+    and lines starting with # are skipped."""
+    listing = Path(config.root).expanduser()
+    if not listing.is_file():
+        raise DatasetError(f"data.root={listing} is not a file: point it at a text file naming one image per line")
+    lines = [line.strip() for line in listing.read_text().splitlines()]
+    files = [listing.parent / Path(line).expanduser() for line in lines if line and not line.startswith("#")]
+    if not files:
+        raise DatasetError(f"{listing} names no images: list one image path per line")
+    missing = [path for path in files if not path.is_file()]
+    if missing:
+        shown = ", ".join(str(path) for path in missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise DatasetError(f"{len(missing)} of the {len(files)} files {listing} names do not exist: {shown}")
+    return {"train": _decode_unlabelled(files, config)}, []
+
+
+def _decode_unlabelled(files: list[Path], config: DataConfig) -> Split:
+    """The files decoded as in an imagefolder, each labelled UNLABELLED (-1)."""
+    labelled = [(path, UNLABELLED) for path in files]
+    return _decode_files(labelled, config.image_size, config.max_image_pixels, config.max_unreadable_fraction)
 
 
 def read_image_folder(
