@@ -9,6 +9,7 @@ from typing import Callable
 
 import yaml
 
+from selfsup.data.arrays import Manifest
 from selfsup.errors import ConfigError, SelfsupError
 from selfsup.params import Params, load_params, read_yaml
 
@@ -32,6 +33,27 @@ def read_params(path: Path = ROOT / "params.yaml") -> Params:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     return load_params(raw)
+
+
+def missing_labels(manifest: Manifest) -> str | None:
+    """Why the evaluations that need labels cannot run on the prepared data; None when they can."""
+    if manifest.labelled:
+        return None
+    return f"data.source={manifest.source} has no labels: this evaluation needs a labelled dataset"
+
+
+def write_skipped(stage: str, reason: str, metrics: Path, pictures: tuple[Path, ...] = (), tables=()) -> None:
+    """A stage that cannot run without labels writes its reason where its numbers would go, a picture saying so,
+    and its tables' header rows (`tables`: (path, columns) pairs): `dvc repro` goes on, and the reason shows in
+    `dvc metrics show`, MLflow and the README's commands."""
+    from selfsup.eval.pictures import plot_note
+
+    write_json(metrics, {"skipped": reason})
+    for path in pictures:
+        plot_note(f"{stage}: skipped, {reason}", path)
+    for path, columns in tables:
+        path.write_text(",".join(columns) + "\n")
+    print(f"{stage}: skipped: {reason}")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -64,6 +86,9 @@ def champion_knn_k(name: str) -> int | None:
 
 
 def champion_metric_key(name: str) -> str:
-    """mlflow.champion_metric -> the validation metric it names (the champion is never chosen on test)."""
+    """mlflow.champion_metric -> the validation metric it names (the champion is never chosen on test); rankme,
+    label-free, is measured on held-out images at the end of pretraining."""
+    if name == "rankme":
+        return "pretrain.rankme"
     k = champion_knn_k(name)
     return "linear.val.top1.mean" if k is None else f"knn.val.k{k}.top1"

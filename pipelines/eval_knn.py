@@ -9,9 +9,11 @@ from pipelines.common import (
     PLOTS,
     PREPARED,
     log_to_encoder_run,
+    missing_labels,
     read_params,
     run_stage,
     write_json,
+    write_skipped,
 )
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.eval.features import load_features
@@ -21,6 +23,10 @@ from selfsup.eval.protocol import knn_against_baseline
 
 def main() -> None:
     params = read_params()
+    if reason := missing_labels(Manifest.read(PREPARED)):
+        pictures = (PLOTS / "retrieval.png", PLOTS / "embedding_map.png")
+        write_skipped("eval_knn", reason, METRICS / "eval_knn.json", pictures)
+        return
     f = load_features(FEATURES)
     metrics = {split: knn_against_baseline(f, split, params.eval.knn) for split in ("val", "test")}
     write_json(METRICS / "eval_knn.json", metrics)

@@ -11,9 +11,11 @@ from pipelines.common import (
     PLOTS,
     PREPARED,
     log_to_encoder_run,
+    missing_labels,
     read_params,
     run_stage,
     write_json,
+    write_skipped,
 )
 from selfsup.data.arrays import Manifest
 from selfsup.eval.features import load_features
@@ -23,8 +25,13 @@ from selfsup.eval.protocol import linear_against_baseline
 
 def main() -> None:
     params = read_params()
+    manifest = Manifest.read(PREPARED)
+    if reason := missing_labels(manifest):
+        tables = [(PLOTS / "confusion.csv", ["actual", "predicted"])]
+        write_skipped("eval_linear", reason, METRICS / "eval_linear.json", (PLOTS / "confusion.png",), tables)
+        return
     f = load_features(FEATURES)
-    class_names = Manifest.read(PREPARED).class_names
+    class_names = manifest.class_names
     topk = (1, 5) if len(class_names) > 5 else (1,)
     metrics, predictions = linear_against_baseline(
         f, ("val", "test"), len(class_names), params.eval.linear, params.eval.seeds, topk

@@ -14,15 +14,17 @@ from pipelines.common import (
     PLOTS,
     PREPARED,
     log_to_encoder_run,
+    missing_labels,
     read_params,
     run_stage,
     write_json,
+    write_skipped,
 )
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.errors import DatasetError
 from selfsup.eval.features import extract_features
 from selfsup.eval.linear import topk_accuracy
-from selfsup.eval.pictures import plot_label_fraction
+from selfsup.eval.pictures import LABEL_FRACTION_KEYS, plot_label_fraction
 from selfsup.eval.protocol import summarise_over_seeds
 from selfsup.eval.semisup import fine_tune
 from selfsup.models import Encoder, load_encoder
@@ -32,6 +34,10 @@ def main() -> None:
     params = read_params()
     config = params.eval.semisup
     manifest = Manifest.read(PREPARED)
+    if reason := missing_labels(manifest):
+        tables = [(PLOTS / "label_fraction.csv", LABEL_FRACTION_KEYS)]
+        write_skipped("eval_semisup", reason, METRICS / "eval_semisup.json", (PLOTS / "label_fraction.png",), tables)
+        return
     subsets = json.loads(LABEL_SUBSETS.read_text())
     if subsets["train_sha256"] != manifest.splits["train"]["sha256"]:
         raise DatasetError(f"{LABEL_SUBSETS} was drawn from another training split: run `dvc repro label_subsets`")

@@ -7,7 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.common import ENCODER, FEATURES, PREPARED, TRANSFER, TRANSFER_FEATURES, read_params, run_stage
+from pipelines.common import (
+    ENCODER,
+    FEATURES,
+    PREPARED,
+    TRANSFER,
+    TRANSFER_FEATURES,
+    missing_labels,
+    read_params,
+    run_stage,
+)
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.eval.features import extract_features, reestimate_batchnorm, save_features
 from selfsup.models import Encoder, load_encoder
@@ -23,7 +32,11 @@ def main() -> None:
     baseline = Encoder(params.model, manifest.mean, manifest.std, image_size=manifest.image_size[0])
     train_images = load_split(PREPARED, "train").images
     reestimate_batchnorm(baseline, train_images, params.eval.baseline_batchnorm_batches, params.eval.batch_size)
-    for folder, out in ((PREPARED, FEATURES), (TRANSFER, TRANSFER_FEATURES)):
+    datasets = [(PREPARED, FEATURES), (TRANSFER, TRANSFER_FEATURES)]
+    if reason := missing_labels(manifest):  # the evaluations of the pretraining data skip; transfer still runs
+        save_features(FEATURES, skipped=np.array(reason))
+        datasets = datasets[1:]
+    for folder, out in datasets:
         dataset = Manifest.read(folder)
         arrays = _features_of_every_split(
             folder, dataset, {"pretrained": encoder, "baseline": baseline}, params.eval.batch_size

@@ -4,24 +4,31 @@ data/label_subsets.json holds, per fraction of eval.semisup.fractions, the indic
 split: every method and every run is fine-tuned on the same images.
 """
 
-from pipelines.common import LABEL_SUBSETS, PREPARED, read_params, run_stage, write_json
+from pipelines.common import LABEL_SUBSETS, PREPARED, missing_labels, read_params, run_stage, write_json
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.eval.semisup import label_subset
 
 
 def main() -> None:
     config = read_params().eval.semisup
+    manifest = Manifest.read(PREPARED)
     labels = load_split(PREPARED, "train").labels
-    subsets = {str(f): label_subset(labels, f, config.subset_seed).tolist() for f in config.fractions}
+    reason = missing_labels(manifest)
+    fractions = [] if reason else config.fractions
+    subsets = {str(f): label_subset(labels, f, config.subset_seed).tolist() for f in fractions}
     write_json(
         LABEL_SUBSETS,
         {
-            "train_sha256": Manifest.read(PREPARED).splits["train"]["sha256"],
+            "train_sha256": manifest.splits["train"]["sha256"],
             "seed": config.subset_seed,
             **{"subsets": subsets},
+            **({"skipped": reason} if reason else {}),
         },
     )
-    print("label subsets: " + ", ".join(f"{float(f):.0%} = {len(i)} images" for f, i in subsets.items()))
+    if reason:
+        print(f"label subsets: skipped: {reason}")
+    else:
+        print("label subsets: " + ", ".join(f"{float(f):.0%} = {len(i)} images" for f, i in subsets.items()))
 
 
 if __name__ == "__main__":

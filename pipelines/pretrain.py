@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from pipelines.common import (
     CHECKPOINTS,
     ENCODER,
@@ -30,8 +32,10 @@ from pipelines.common import (
 )
 from selfsup.data.arrays import Manifest, file_sha256, load_split
 from selfsup.errors import ConfigError
-from selfsup.methods import check_data
+from selfsup.eval.features import extract_features
+from selfsup.methods import check_data, uses_labels
 from selfsup.models import save_encoder
+from selfsup.train.collapse import RANKME_IMAGES, rankme
 from selfsup.train.loop import PretrainSpec, build_model
 from selfsup.train.monitor import KnnMonitor
 
@@ -47,6 +51,12 @@ def main() -> None:
         )
     train = load_split(PREPARED, "train")
     check_data(params.method, train.images, manifest.source)  # a method the data cannot teach: before Ray starts
+    if not manifest.labelled and uses_labels(params.method, params.train):
+        raise ConfigError(
+            f"params.yaml: method.name={params.method.name} with train.label_loss_weight="
+            f"{params.train.label_loss_weight} trains on labels, and data.source={manifest.source} has none: "
+            "pick a self-supervised method and set train.label_loss_weight: 0"
+        )
     spec = PretrainSpec.from_params(params, manifest)
     scaling = params.scaling.model_dump(exclude={"max_failures", "dashboard"})  # what changes the result
     identity = json.dumps([repr(spec), scaling, manifest.sha256, training_code_sha256()])
@@ -59,7 +69,8 @@ def main() -> None:
     from selfsup.train.ray_trainer import checkpoint_kept, pretrain_with_ray  # Ray only once params are good
 
     val = load_split(PREPARED, "val")
-    monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k)
+    # Without labels nothing is monitored (a label-free measure on val is the next step).
+    monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k) if manifest.labelled else None
     device = "cuda" if params.scaling.use_gpu else "cpu"
     tracked = params.model_dump(mode="json", include={"data", "model", "method", "views", "train", "scaling"})
     tags = {
@@ -93,6 +104,10 @@ def main() -> None:
         }
         if "monitor_knn_top1" in history[-1]:
             summary["val_knn_top1"] = history[-1]["monitor_knn_top1"]
+        # Label-free: RankMe of the encoder's representations of held-out images (mlflow.champion_metric: rankme).
+        held_out = val.images[:RANKME_IMAGES]
+        features = extract_features(method.encoder.eval(), held_out, params.eval.batch_size)
+        summary.update(rankme=round(rankme(torch.from_numpy(features)), 2), rankme_images=len(held_out))
         write_json(METRICS / "pretrain.json", summary)
         log_history(run_id, history)
         mlflow.log_metrics({f"pretrain.{k}": v for k, v in summary.items()})

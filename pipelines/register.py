@@ -31,6 +31,7 @@ def main() -> None:
     metrics = {}
     for protocol in PROTOCOLS:
         metrics.update(metric_values(json.loads((METRICS / f"eval_{protocol}.json").read_text()), protocol + "."))
+    metrics.update(metric_values(json.loads((METRICS / "pretrain.json").read_text()), "pretrain."))  # RankMe
     champion_metric = champion_metric_key(params.mlflow.champion_metric)
     manifest = Manifest.read(PREPARED)
     encoder, _ = load_encoder(ENCODER)
@@ -42,7 +43,7 @@ def main() -> None:
         metrics=metrics,
         champion_metric=champion_metric,
         lineage={"git_commit": _git_commit(), "dataset_sha256": manifest.sha256, "dataset_source": manifest.source},
-        example=load_split(PREPARED, "test").images[:2],
+        example=load_split(PREPARED, "test" if "test" in manifest.splits else "val").images[:2],
         feature_dim=encoder.feature_dim,
         pictures=[PLOTS / name for name in PICTURES],
     )

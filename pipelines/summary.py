@@ -15,16 +15,23 @@ def main() -> None:
         for protocol in ("knn", "linear", "semisup", "transfer")
     )
     k = champion_knn_k(params.mlflow.champion_metric) or params.eval.knn.k[0]
-    smallest = min(semisup, key=lambda key: float(key.removesuffix("pct")))
-    pairs = {
-        f"knn{k}": knn["test"][f"k{k}"],
-        "linear": {name: score["mean"] for name, score in linear["test"].items()},
-        smallest: {name: score["mean"] for name, score in semisup[smallest]["test"].items()},
-        "transfer": {name: score["mean"] for name, score in transfer["linear"].items()},
-    }
+    pairs = {}
+    if "skipped" not in knn:
+        pairs[f"knn{k}"] = knn["test"][f"k{k}"]
+    if "skipped" not in linear:
+        pairs["linear"] = {name: score["mean"] for name, score in linear["test"].items()}
+    if "skipped" not in semisup:
+        smallest = min(semisup, key=lambda key: float(key.removesuffix("pct")))
+        pairs[smallest] = {name: score["mean"] for name, score in semisup[smallest]["test"].items()}
+    pairs["transfer"] = {name: score["mean"] for name, score in transfer["linear"].items()}
     summary = {}
     for name, scores in pairs.items():
         summary[name], summary[f"{name}_init"] = scores["top1"], scores["baseline_top1"]
+    skipped = [
+        name for name, metrics in (("knn", knn), ("linear", linear), ("semisup", semisup)) if "skipped" in metrics
+    ]
+    if skipped:
+        summary["skipped"] = f"{', '.join(skipped)}: {knn.get('skipped') or linear.get('skipped')}"
     write_json(METRICS / "summary.json", summary)
     print(
         "test top-1, pretrained (random init): "

@@ -68,6 +68,11 @@ def main() -> None:
     manifest = Manifest.read(PREPARED)
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     check_data(params.method, train.images, manifest.source)  # colorization on gray images: no trial can learn
+    if not manifest.labelled and config.metric.startswith("monitor_"):
+        raise ConfigError(
+            f"tune.metric={config.metric} needs labels, and data.source={manifest.source} has none: sweep on a "
+            "labelled dataset (a label-free sweep metric is not there yet)"
+        )
 
     from selfsup.eval.pictures import plot_sweep
     from selfsup.tracking import TrialRuns, end_sweep_run, sweep_parent_run, use_experiment

@@ -108,11 +108,16 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _champion_metric_is_measured(self) -> Params:
-        allowed = [f"knn_k{k}_top1" for k in self.eval.knn.k] + ["linear_top1"]
+        allowed = [f"knn_k{k}_top1" for k in self.eval.knn.k] + ["linear_top1", "rankme"]
         if self.mlflow.champion_metric not in allowed:
             raise ValueError(
                 f"mlflow.champion_metric={self.mlflow.champion_metric!r} is not measured; allowed: "
                 f"{', '.join(allowed)} (the k of kNN come from eval.knn.k)"
+            )
+        if not self.data.labelled and self.mlflow.champion_metric != "rankme":
+            raise ValueError(
+                f"mlflow.champion_metric={self.mlflow.champion_metric} needs labels, and data.source="
+                f"{self.data.source} has none: set mlflow.champion_metric: rankme (label-free)"
             )
         return self
 

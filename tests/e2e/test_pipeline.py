@@ -36,11 +36,8 @@ STAGES = [
     "register",
 ]
 PROTOCOLS = ("knn", "linear", "semisup", "transfer")
+NO_LABELS = "data.source=folder has no labels: this evaluation needs a labelled dataset"
 PICTURES = ("pretrain.png", "retrieval.png", "embedding_map.png", "confusion.png", "label_fraction.png")
-
-
-# An experiment on top of the shipped pipeline, at the tiny budget: a few seconds per stage (`-S key=value`).
-TINY_OVERRIDES = [arg for key, value in flatten(TINY_PARAMS).items() for arg in ("-S", f"{key}={json.dumps(value)}")]
 
 
 def read_params(repo: Path) -> dict:
@@ -171,36 +168,55 @@ def wait_for_the_queue(repo: Path, env: dict[str, str], timeout: float = 600) ->
         time.sleep(3)
 
 
-def test_two_queued_experiments_at_once_rerun_from_pretrain_and_land_in_the_projects_registry(pipeline_repo):
+def unlabelled_folder(folder: Path, count: int = 300) -> Path:
+    """Digits as PNG files at several depths of `folder`, no class folders: as a camera roll or a bucket holds them."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    for index, digit in enumerate(load_digits().images[:count]):
+        place = folder / ("2024/jan" if index % 3 == 0 else "2024/feb/raw" if index % 3 == 1 else "")
+        place.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(digit * (255 / 16)).astype(np.uint8)).convert("RGB").save(place / f"{index}.png")
+    return folder
+
+
+def test_two_queued_experiments_at_once_land_in_the_projects_registry_one_of_them_unlabelled(pipeline_repo):
     """`dvc exp run --queue` runs each experiment in a temporary copy of the workspace that DVC deletes afterwards;
-    `dvc queue start --jobs 2` runs two at once, each on a private Ray instance of its own. Each re-runs pretrain and
-    every stage after it, and only those (the data, the transfer target and the label subsets stay). Their MLflow
-    runs and registered versions land in the project's one store, loadable once the copies are gone, and the
-    champion is the best of the comparable versions whichever registered first. One switches the method to
-    Exemplar-CNN, which the stage hands its images' indices (a class per image) and, for the auxiliary labelled
-    loss, the labels."""
+    `dvc queue start --jobs 2` runs two at once, each on a private Ray instance of its own. Their MLflow runs and
+    registered versions land in the project's one store, loadable once the copies are gone.
+
+    One switches the method to Exemplar-CNN (which the stage hands its images' indices, a class per image, and for
+    the auxiliary labelled loss the labels): it re-runs pretrain and every stage after it, and only those, and the
+    champion is the best of the comparable versions whichever registered first. The other pretrains on a folder
+    of unlabelled images in any structure: the evaluations that need labels write their reason, transfer is
+    measured, RankMe is its score, and, on other data, it can only be a challenger."""
     repo, env = pipeline_repo
-    private = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # two private instances beside the suite's
+    private = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # two private instances at once
     first = read_json(repo / "models" / "registration.json")
     subsets = (repo / "data" / "label_subsets.json").read_text()
     run(["git", "add", "-A"], repo, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "simclr"], repo, env)
+    images = unlabelled_folder(repo.parent / "photos")
     knobs = [f"method.exemplar.{key}={value}" for key, value in SMALL_KNOBS["exemplar"].items()]
     experiments = {
         # without train.label_loss_weight's labels the stage would stop with a ConfigError
         "exemplar-small": ["method.name=exemplar", "train.label_loss_weight=0.5", *knobs],
-        "simclr-small": ["train.lr=0.1"],
+        "unlabelled": ["data.source=folder", f"data.root={images}", "mlflow.champion_metric=rankme"],
     }
+    # The tiny budget with one seed: half the evaluations' time, and the champion's kNN score has no seeds.
+    tiny = {**flatten(TINY_PARAMS), "eval.seeds": [0]}
+    tiny_flags = [arg for key, value in tiny.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
     for name, settings in experiments.items():
         flags = [arg for setting in settings for arg in ("-S", setting)]
-        queued = run(["dvc", "exp", "run", "--queue", "--name", name, *TINY_OVERRIDES, *flags], repo, private)
+        queued = run(["dvc", "exp", "run", "--queue", "--name", name, *tiny_flags, *flags], repo, private)
         assert queued.returncode == 0, queued.output
     assert run(["dvc", "queue", "start", "--jobs", "2"], repo, private).returncode == 0
     status = wait_for_the_queue(repo, private)
     logs = {name: run(["dvc", "queue", "logs", name], repo, private).output for name in experiments}
     assert status.count("Success") == 2, (status, logs)
-    for name, log in logs.items():
-        assert sorted(ran_stages(log)) == sorted(STAGES[3:]), (name, log[-3000:])
+    assert sorted(ran_stages(logs["exemplar-small"])) == sorted(STAGES[3:]), logs["exemplar-small"][-3000:]
+    assert sorted(ran_stages(logs["unlabelled"])) == sorted(STAGES), logs["unlabelled"][-3000:]
+    assert f"eval_knn: skipped: {NO_LABELS}" in logs["unlabelled"]
 
     import mlflow
 
@@ -208,23 +224,45 @@ def test_two_queued_experiments_at_once_rerun_from_pretrain_and_land_in_the_proj
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing was written inside the copies
     versions = {str(v.version): v for v in client.search_model_versions(f"name = '{first['name']}'")}
     assert sorted(versions) == ["1", "2", "3"]
-    runs = {client.get_run(versions[v].run_id).data.tags["dvc_experiment"]: versions[v].run_id for v in ("2", "3")}
-    assert runs.keys() == experiments.keys()
-    exemplar = client.get_run(runs["exemplar-small"]).data.params
+    by_name = {client.get_run(versions[v].run_id).data.tags["dvc_experiment"]: v for v in ("2", "3")}
+    assert by_name.keys() == experiments.keys()
+    exemplar = client.get_run(versions[by_name["exemplar-small"]].run_id).data.params
     assert (exemplar["method.name"], exemplar["train.label_loss_weight"]) == ("exemplar", "0.5")
-    for run_id in runs.values():
-        losses = client.get_metric_history(run_id, "loss")
+    for version in by_name.values():
+        losses = client.get_metric_history(versions[version].run_id, "loss")
         assert sorted(m.step for m in losses) == list(range(1, TINY_PARAMS["train"]["epochs"] + 1))
-    # Same data and kNN temperature: all three scores are comparable, and the champion is the best of them.
-    scores = {v: float(version.tags["metrics.knn.val.k20.top1"]) for v, version in versions.items()}
+    # Same data and kNN temperature: version 1 and the exemplar's are comparable, and the champion is the better.
+    comparable = ("1", by_name["exemplar-small"])
+    scores = {v: float(versions[v].tags["metrics.knn.val.k20.top1"]) for v in comparable}
     assert scores["1"] == first["score"]
     champion = str(client.get_registered_model(first["name"]).aliases["champion"])
     assert scores[champion] == max(scores.values()), (champion, scores)
+    rankme = float(versions[by_name["unlabelled"]].tags["metrics.pretrain.rankme"])  # its score, label-free
+    assert rankme > 1 and "metrics.knn.val.k20.top1" not in versions[by_name["unlabelled"]].tags
     model = mlflow.pyfunc.load_model(f"models:/{first['name']}@champion")
     assert model.predict(np.zeros((2, 16, 16, 3), dtype=np.uint8)).shape[0] == 2
 
-    applied = run(["dvc", "exp", "apply", "exemplar-small"], repo, env)
-    assert applied.returncode == 0, applied.output
+    # The unlabelled experiment's outputs, as `dvc exp apply` brings them into the workspace.
+    assert run(["dvc", "exp", "apply", "unlabelled"], repo, env).returncode == 0
+    manifest = read_json(repo / "data" / "prepared" / "manifest.json")
+    assert manifest["class_names"] == [] and set(manifest["splits"]) == {"train", "val"}
+    assert sum(split["count"] for split in manifest["splits"].values()) == 300
+    pretrain = read_json(repo / "metrics" / "pretrain.json")
+    assert "val_knn_top1" not in pretrain and pretrain["rankme"] == rankme
+    assert pretrain["rankme_images"] == manifest["splits"]["val"]["count"]
+    for protocol in ("knn", "linear", "semisup"):
+        assert read_json(repo / "metrics" / f"eval_{protocol}.json") == {"skipped": NO_LABELS}
+    assert 0.1 < read_json(repo / "metrics" / "eval_transfer.json")["linear"]["top1"]["mean"] <= 1  # labelled target
+    summary = read_json(repo / "metrics" / "summary.json")
+    assert {"transfer", "transfer_init"} <= summary.keys() and summary["skipped"].startswith("knn, linear, semisup")
+    for command in (["dvc", "metrics", "show"], ["dvc", "plots", "show"]):  # the README's commands still work
+        shown = run(command, repo, env)
+        assert shown.returncode == 0, shown.output
+    with changed_params(repo, {"method": {"name": "supervised"}}):
+        supervised = run(["python", "-m", "pipelines.pretrain"], repo, env)
+    assert supervised.returncode == 2 and "trains on labels, and data.source=folder has none" in supervised.stderr
+
+    assert run(["dvc", "exp", "apply", "exemplar-small"], repo, env).returncode == 0
     assert (repo / "data" / "label_subsets.json").read_text() == subsets  # the same images for every method
     assert read_json(repo / "metrics" / "pretrain.json")["epochs"] == TINY_PARAMS["train"]["epochs"]
     diff = run(["dvc", "metrics", "diff", "HEAD", "--json"], repo, env)

@@ -54,6 +54,15 @@ def _class_colours(num_classes: int) -> np.ndarray:
     return plt.get_cmap("turbo")(np.linspace(0.0, 1.0, num_classes))
 
 
+def plot_note(text: str, path: str | Path) -> Path:
+    """A picture that says why there is no picture (an evaluation skipped for want of labels): DVC declares the
+    stage's pictures, so they exist either way."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=(6, 1.2))
+    fig.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9)
+    return _save(fig, path)
+
+
 def plot_training_curves(history: list[dict], path: str | Path) -> Path:
     """Loss, learning rate and the kNN monitor per epoch, side by side: the first look at whether a run trained.
 
