@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipelines.common import (
@@ -105,8 +106,10 @@ def main() -> None:
         if "monitor_knn_top1" in history[-1]:
             summary["val_knn_top1"] = history[-1]["monitor_knn_top1"]
         # Label-free: RankMe of the encoder's representations of held-out images (mlflow.champion_metric: rankme).
-        held_out = val.images[:RANKME_IMAGES]
-        features = extract_features(method.encoder.eval(), held_out, params.eval.batch_size)
+        sample = np.random.default_rng(params.train.seed).permutation(len(val.images))[:RANKME_IMAGES]
+        held_out = val.images[np.sort(sample)]  # a random sample: the split is in file (and class) order
+        on = "cuda" if params.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+        features = extract_features(method.encoder.eval(), held_out, params.eval.batch_size, on)
         summary.update(rankme=round(rankme(torch.from_numpy(features)), 2), rankme_images=len(held_out))
         write_json(METRICS / "pretrain.json", summary)
         log_history(run_id, history)

@@ -50,11 +50,16 @@ def main() -> None:
     write_json(ROOT / "models" / "registration.json", asdict(registration))
     print(
         f"registered {registration.name} version {registration.version} as @{registration.alias}: "
-        f"{champion_metric} {registration.score:.2%}{_versus(registration)}"
+        f"{champion_metric} {_shown(champion_metric, registration.score)}{_versus(registration, champion_metric)}"
     )
 
 
-def _versus(registration) -> str:
+def _shown(metric: str, score: float) -> str:
+    """An accuracy as a percentage; RankMe (an effective number of dimensions) as it is."""
+    return f"{score:.2f}" if metric == "pretrain.rankme" else f"{score:.2%}"
+
+
+def _versus(registration, metric: str) -> str:
     champion = registration.champion
     if champion is None:
         return " (no champion before it)"
@@ -63,7 +68,7 @@ def _versus(registration) -> str:
             f"; not comparable with champion version {champion.version} (they differ in {', '.join(champion.differs)}):"
             f" `python -m pipelines.promote {registration.version}` makes it the champion"
         )
-    return f" (champion version {champion.version} had {champion.score:.2%})"
+    return f" (champion version {champion.version} had {_shown(metric, champion.score)})"
 
 
 # The code a commit stands for. Not params.yaml (its values are tagged one by one, and `dvc exp run -S` edits it),

@@ -220,7 +220,10 @@ class TransferConfig(_Section):
     @model_validator(mode="after")
     def _root_when_needed(self) -> TransferConfig:
         if self.source in UNLABELLED_SOURCES:
-            raise ValueError(f"eval.transfer.source={self.source} has no labels: the transfer target needs them")
+            raise ValueError(
+                f"eval.transfer.source={self.source} has no labels, which the transfer target needs: pick a labelled "
+                "source (mnist, digits, cifar10, cifar100, stl10 or imagefolder)"
+            )
         if self.source not in EMBEDDED_SOURCES and not self.root:
             raise ValueError(
                 f"eval.transfer.root is required for eval.transfer.source={self.source!r}: set it to the dataset folder"

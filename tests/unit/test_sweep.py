@@ -526,3 +526,21 @@ def test_a_resumed_sweeps_scheduler_rereads_each_trials_reports_and_waits_on_wha
     scheduler.on_trial_add(None, fresh)
     assert scheduler.on_trial_result(None, fresh, {"epoch": 1, "m": 0.1}) == "CONTINUE"
     assert scheduler.decision("t2") == PENDING
+
+
+def test_a_sweep_on_unlabelled_data_stops_in_one_line_before_ray_starts(tmp_path):
+    """Its trials are monitored by kNN on val's labels: with -1 for every label each trial would crash instead."""
+    from selfsup.config import DataConfig
+    from selfsup.data.sources import prepare_dataset
+    from tests.unit.data.test_unlabelled_sources import make_tree
+
+    repo = copy_repo(tmp_path / "repo")
+    images = tmp_path / "images"
+    make_tree(images)
+    prepare_dataset(DataConfig(source="folder", root=str(images), image_size=8), repo / "data" / "prepared")
+    unlabelled = ["-S", "data.source=folder", "-S", f"data.root={images}", "-S", "mlflow.champion_metric=rankme"]
+    result = run_stage(repo, tmp_path, *unlabelled, "-S", "tune.metric=loss")
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: a sweep needs labels (its trials are monitored by kNN on val), and data.source")
+    assert not (repo / "sweeps" / "ray").exists()  # nothing started

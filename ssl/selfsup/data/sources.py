@@ -46,6 +46,11 @@ def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
         "filelist": _read_filelist,
     }
     splits, class_names = readers[config.source](config)
+    if len(class_names) == 1:  # labelled, but every evaluation would score 100%
+        raise DatasetError(
+            f"data.source={config.source} at {config.root} has one class ({class_names[0]}): for images without "
+            "labels set data.source: folder; for labels, one subfolder per class"
+        )
     whole = splits["train"]
     if class_names:
         train, val = stratified_split(whole.labels, config.val_fraction, config.seed + 1)
@@ -159,12 +164,6 @@ def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
     root = Path(config.root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data.root={root} is not a folder: point it at a folder of class subfolders")
-    classes = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if len(classes) == 1 and classes[0] not in ("train", "test"):
-        raise DatasetError(
-            f"{root} has one class folder ({classes[0]}), so every evaluation would score 100%: for images "
-            "without labels set data.source: folder; for labels, one subfolder per class"
-        )
     if (root / "train").is_dir() and (root / "test").is_dir():
         train_files, classes = _list_class_files(root / "train")
         test_files, test_classes = _list_class_files(root / "test")

@@ -133,7 +133,13 @@ def test_params_refuse_a_list_for_other_sources_and_an_unlabelled_transfer_targe
     assert load_params({**unlabelled, "mlflow": {"champion_metric": "rankme"}}).data.root == ["a", "b"]
 
 
-def test_an_imagefolder_of_one_class_points_to_the_unlabelled_source(tmp_path: Path) -> None:
-    make_tree(tmp_path / "images" / "photos")  # what `root/photos/*.jpg` looks like to imagefolder: one class
-    with pytest.raises(DatasetError, match=r"one class folder \(photos\), .* set data.source: folder"):
+@pytest.mark.parametrize("layout", ["photos", "train/photos", "split"], ids=["one folder", "train only", "train+test"])
+def test_labelled_data_of_one_class_points_to_the_unlabelled_source(tmp_path: Path, layout: str) -> None:
+    """`root/photos/*.jpg` (or its train/test split) is one class to imagefolder: every evaluation would score 100%."""
+    for part in ["train/photos", "test/photos"] if layout == "split" else [layout]:
+        make_tree(tmp_path / "images" / part)
+    with pytest.raises(
+        DatasetError, match=r"has one class \((photos|train)\): for images without labels set data.source: f"
+    ):
         prepare_dataset(DataConfig(source="imagefolder", root=str(tmp_path / "images")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
