@@ -81,6 +81,7 @@ def run_method(repo: Path, env: dict[str, str], method: str) -> dict:
         "linear_random_init": linear["baseline_top1"]["mean"],
         "embedding_std": float(last_epoch["embedding_std"]),
         "effective_rank": float(last_epoch["effective_rank"]),
+        "rankme": pretrain["rankme"],
         "images_per_s": pretrain["images_per_s"],
         "pretrain_s": pretrain["wall_s"],
         "wall_s": round(wall, 1),
@@ -96,8 +97,8 @@ def reported_k(params) -> int:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| method | lr | kNN top-1 (test) | random init | linear top-1 (test, mean over seeds) | random init "
-        "| std | rank | images/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| std | rank | RankMe | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
@@ -107,9 +108,22 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {row['method']} | {row['lr']:.3g} | {percent('knn_top1')} | {percent('knn_random_init')} | "
             f"{percent('linear_top1')} | {percent('linear_random_init')} | {row['embedding_std']:.2f} | "
-            f"{row['effective_rank']:.0f} | {row['images_per_s']:,.0f} |"
+            f"{row['effective_rank']:.0f} | {row['rankme']:.1f} | {row['images_per_s']:,.0f} |"
         )
     return "\n".join(lines)
+
+
+def rankme_agreement(rows: list[dict]) -> str:
+    """How well RankMe, which needs no labels, ranks the methods as the labelled protocols do (Spearman)."""
+    from scipy.stats import spearmanr
+
+    done = [row for row in rows if "error" not in row]
+    if len(done) < 3:
+        return "RankMe against top-1: too few methods to rank"
+    rankme = [row["rankme"] for row in done]
+    linear = spearmanr(rankme, [row["linear_top1"] for row in done]).statistic
+    knn = spearmanr(rankme, [row["knn_top1"] for row in done]).statistic
+    return f"Spearman of RankMe with linear top-1 {linear:.2f}, with kNN top-1 {knn:.2f}, over {len(done)} methods"
 
 
 def main() -> None:
@@ -127,9 +141,12 @@ def main() -> None:
             rows.append(run_method(repo, env, method))
             print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
-    print(f"\n{source}, params {' '.join(args.set) or 'as committed'}\n\n{table}\n")
+    agreement = rankme_agreement(rows)
+    print(f"\n{source}, params {' '.join(args.set) or 'as committed'}\n\n{table}\n\n{agreement}\n")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"source": source, "overrides": args.set, "rows": rows}, indent=2) + "\n")
+    args.json.write_text(
+        json.dumps({"source": source, "overrides": args.set, "rows": rows, "rankme": agreement}, indent=2) + "\n"
+    )
     print(f"wrote {args.json}")
     losing = not_beating_random_init(rows)
     if args.require_beats_random_init and losing:
