@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
-from selfsup.data.arrays import Manifest
+from selfsup.data.arrays import MANIFEST, Manifest, Split, load_split
 from selfsup.errors import ConfigError, SelfsupError
 from selfsup.params import Params, load_params, read_yaml
+
+if TYPE_CHECKING:
+    from selfsup.train.monitor import Monitor
 
 ROOT = Path(__file__).resolve().parent.parent
 PREPARED = ROOT / "data" / "prepared"
@@ -19,6 +22,9 @@ CHECKPOINTS = ROOT / "checkpoints"
 ENCODER = ROOT / "models" / "encoder.pt"
 FEATURES = ROOT / "features" / "features.npz"
 TRANSFER = ROOT / "data" / "transfer"  # the transfer target, prepared like data/prepared
+# The labelled evaluation data (eval.data, or STL-10's labelled splits), prepared like data/prepared; without it the
+# folder holds only a note, and the evaluations read the pretraining data's own splits.
+EVAL_DATA = ROOT / "data" / "eval"
 TRANSFER_FEATURES = ROOT / "features" / "transfer.npz"
 LABEL_SUBSETS = ROOT / "data" / "label_subsets.json"
 METRICS = ROOT / "metrics"
@@ -35,11 +41,36 @@ def read_params(path: Path = ROOT / "params.yaml") -> Params:
     return load_params(raw)
 
 
+def evaluation_data() -> Path:
+    """The folder of the labelled data the evaluations (and the pretraining monitor) read: data/eval when the
+    prepare_eval stage wrote a dataset there, else the pretraining data's own, data/prepared."""
+    return EVAL_DATA if (EVAL_DATA / MANIFEST).is_file() else PREPARED
+
+
+def pretraining_monitor(params: Params, train: Split, val: Split) -> Monitor:
+    """What pretraining (and each sweep trial) watches: RankMe of a sample of the pretraining data's held-out
+    images (`val`), and with labelled evaluation data, kNN top-1 on its validation split (`train` and `val` are
+    the pretraining data's splits, which are that data when it is labelled)."""
+    from selfsup.train.collapse import rankme_sample
+    from selfsup.train.monitor import LabelledProbe, Monitor
+
+    held_out = rankme_sample(val.images, params.train.seed)
+    folder = evaluation_data()
+    manifest = Manifest.read(folder)
+    if not manifest.labelled:
+        return Monitor(held_out)
+    if folder == PREPARED:  # the pretraining images are the kNN's bank: no second copy
+        return Monitor(held_out, LabelledProbe(train.labels, val.images, val.labels, k=params.train.monitor_k))
+    bank, labelled_val = load_split(folder, "train"), load_split(folder, "val")
+    probe = LabelledProbe(bank.labels, labelled_val.images, labelled_val.labels, bank.images, params.train.monitor_k)
+    return Monitor(held_out, probe)
+
+
 def missing_labels(manifest: Manifest) -> str | None:
-    """Why the evaluations that need labels cannot run on the prepared data; None when they can."""
+    """Why the evaluations that need labels cannot run on this (evaluation) data; None when they can."""
     if manifest.labelled:
         return None
-    return f"data.source={manifest.source} has no labels: this evaluation needs a labelled dataset"
+    return f"data.source={manifest.source} has no labels and eval.data is not set: set eval.data to a labelled dataset"
 
 
 def write_skipped(stage: str, reason: str, metrics: Path, pictures: tuple[Path, ...] = (), tables=()) -> None:

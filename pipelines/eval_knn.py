@@ -7,7 +7,7 @@ from pipelines.common import (
     FEATURES,
     METRICS,
     PLOTS,
-    PREPARED,
+    evaluation_data,
     log_to_encoder_run,
     missing_labels,
     read_params,
@@ -23,7 +23,7 @@ from selfsup.eval.protocol import knn_against_baseline
 
 def main() -> None:
     params = read_params()
-    if reason := missing_labels(Manifest.read(PREPARED)):
+    if reason := missing_labels(Manifest.read(evaluation_data())):
         pictures = (PLOTS / "retrieval.png", PLOTS / "embedding_map.png")
         write_skipped("eval_knn", reason, METRICS / "eval_knn.json", pictures)
         return
@@ -37,8 +37,9 @@ def main() -> None:
 
 
 def _pictures(f: dict, seed: int) -> list:
-    manifest = Manifest.read(PREPARED)
-    train, test = load_split(PREPARED, "train"), load_split(PREPARED, "test")
+    folder = evaluation_data()
+    manifest = Manifest.read(folder)
+    train, test = load_split(folder, "train"), load_split(folder, "test")
     queries = [int(np.flatnonzero(test.labels == c)[0]) for c in np.unique(test.labels)][:10]  # one per class
     neighbours = nearest_neighbours(f["pretrained_train"], f["pretrained_test"][queries], k=8)
     retrieval = plot_retrieval_grid(

@@ -9,7 +9,7 @@ from pipelines.common import (
     FEATURES,
     METRICS,
     PLOTS,
-    PREPARED,
+    evaluation_data,
     log_to_encoder_run,
     missing_labels,
     read_params,
@@ -25,7 +25,7 @@ from selfsup.eval.protocol import linear_against_baseline
 
 def main() -> None:
     params = read_params()
-    manifest = Manifest.read(PREPARED)
+    manifest = Manifest.read(evaluation_data())
     if reason := missing_labels(manifest):
         tables = [(PLOTS / "confusion.csv", ["actual", "predicted"])]
         write_skipped("eval_linear", reason, METRICS / "eval_linear.json", (PLOTS / "confusion.png",), tables)

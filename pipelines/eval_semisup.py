@@ -12,7 +12,7 @@ from pipelines.common import (
     LABEL_SUBSETS,
     METRICS,
     PLOTS,
-    PREPARED,
+    evaluation_data,
     log_to_encoder_run,
     missing_labels,
     read_params,
@@ -33,7 +33,8 @@ from selfsup.models import Encoder, load_encoder
 def main() -> None:
     params = read_params()
     config = params.eval.semisup
-    manifest = Manifest.read(PREPARED)
+    folder = evaluation_data()
+    manifest = Manifest.read(folder)
     if reason := missing_labels(manifest):
         tables = [(PLOTS / "label_fraction.csv", LABEL_FRACTION_KEYS)]
         write_skipped("eval_semisup", reason, METRICS / "eval_semisup.json", (PLOTS / "label_fraction.png",), tables)
@@ -42,7 +43,7 @@ def main() -> None:
     if subsets["train_sha256"] != manifest.splits["train"]["sha256"]:
         raise DatasetError(f"{LABEL_SUBSETS} was drawn from another training split: run `dvc repro label_subsets`")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    train, evaluated = load_split(PREPARED, "train"), {s: load_split(PREPARED, s) for s in ("val", "test")}
+    train, evaluated = load_split(folder, "train"), {split: load_split(folder, split) for split in ("val", "test")}
     pretrained, _ = load_encoder(ENCODER)
     metrics, rows = {}, []
     for fraction, indices in subsets["subsets"].items():

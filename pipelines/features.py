@@ -1,6 +1,7 @@
 """Stage `features`: frozen features of the pretrained encoder and of a random-init baseline (its BatchNorm
-statistics re-estimated on the training images), once, for every split of the prepared dataset
-(features/features.npz) and of the transfer target (features/transfer.npz)."""
+statistics re-estimated on the pretraining images, as the encoder's were), once, for every split of the labelled
+evaluation data (features/features.npz: eval.data, else the prepared dataset) and of the transfer target
+(features/transfer.npz)."""
 
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from pipelines.common import (
     PREPARED,
     TRANSFER,
     TRANSFER_FEATURES,
+    evaluation_data,
     missing_labels,
     read_params,
     run_stage,
@@ -30,10 +32,11 @@ def main() -> None:
     # statistics those of the training images (as the pretrained encoder's are).
     torch.manual_seed(params.train.seed)
     baseline = Encoder(params.model, manifest.mean, manifest.std, image_size=manifest.image_size[0])
-    train_images = load_split(PREPARED, "train").images
+    # Streamed training images are not in memory: the held-out ones, drawn from the same images, stand for them.
+    train_images = load_split(PREPARED, "val" if manifest.streamed else "train").images
     reestimate_batchnorm(baseline, train_images, params.eval.baseline_batchnorm_batches, params.eval.batch_size)
-    datasets = [(PREPARED, FEATURES), (TRANSFER, TRANSFER_FEATURES)]
-    if reason := missing_labels(manifest):  # the evaluations of the pretraining data skip; transfer still runs
+    datasets = [(evaluation_data(), FEATURES), (TRANSFER, TRANSFER_FEATURES)]
+    if reason := missing_labels(Manifest.read(evaluation_data())):  # kNN, linear, fine-tuning skip; transfer runs
         save_features(FEATURES, skipped=np.array(reason))
         datasets = datasets[1:]
     for folder, out in datasets:

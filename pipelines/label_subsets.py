@@ -1,21 +1,23 @@
 """Stage `label_subsets`: the class-balanced label subsets of semi-supervised evaluation, drawn once.
 
 data/label_subsets.json holds, per fraction of eval.semisup.fractions, the indices into the training
-split: every method and every run is fine-tuned on the same images.
+split of the evaluation data: every method and every run is fine-tuned on the same images.
 """
 
-from pipelines.common import LABEL_SUBSETS, PREPARED, missing_labels, read_params, run_stage, write_json
-from selfsup.data.arrays import Manifest, load_split
+from pipelines.common import LABEL_SUBSETS, evaluation_data, missing_labels, read_params, run_stage, write_json
+from selfsup.data.arrays import Manifest, load_labels
 from selfsup.eval.semisup import label_subset
 
 
 def main() -> None:
     config = read_params().eval.semisup
-    manifest = Manifest.read(PREPARED)
-    labels = load_split(PREPARED, "train").labels
+    folder = evaluation_data()
+    manifest = Manifest.read(folder)
     reason = missing_labels(manifest)
-    fractions = [] if reason else config.fractions
-    subsets = {str(f): label_subset(labels, f, config.subset_seed).tolist() for f in fractions}
+    subsets = {}
+    if not reason:
+        labels = load_labels(folder, "train")
+        subsets = {str(f): label_subset(labels, f, config.subset_seed).tolist() for f in config.fractions}
     write_json(
         LABEL_SUBSETS,
         {

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipelines.common import (
@@ -27,18 +26,19 @@ from pipelines.common import (
     PLOTS,
     PREPARED,
     ROOT,
+    pretraining_monitor,
     read_params,
     run_stage,
     write_json,
 )
-from selfsup.data.arrays import Manifest, file_sha256, load_split
+from selfsup.data.arrays import Manifest, Split, file_sha256, load_split
+from selfsup.data.shards import Shards, check_shards
 from selfsup.errors import ConfigError
 from selfsup.eval.features import extract_features
 from selfsup.methods import check_data, uses_labels
 from selfsup.models import save_encoder
-from selfsup.train.collapse import RANKME_IMAGES, rankme
+from selfsup.train.collapse import rankme
 from selfsup.train.loop import PretrainSpec, build_model
-from selfsup.train.monitor import KnnMonitor
 
 
 def main() -> None:
@@ -50,8 +50,16 @@ def main() -> None:
             f"params.yaml: train.batch_size={params.train.batch_size} exceeds the {train_count} training "
             f"images of {manifest.source}; allowed: at most {train_count}"
         )
-    train = load_split(PREPARED, "train")
-    check_data(params.method, train.images, manifest.source)  # a method the data cannot teach: before Ray starts
+    val = load_split(PREPARED, "val")
+    if manifest.streamed:  # the training images stay in their shards; the held-out ones stand for them here
+        uri, files = manifest.shards(PREPARED)
+        check_shards(uri, files)
+        train, images = Split(val.images[:0], val.labels[:0]), Shards(uri, files, train_count)
+    else:
+        train = load_split(PREPARED, "train")
+        images = train.images
+    seen = val.images if manifest.streamed else train.images
+    check_data(params.method, seen, manifest.source)  # a method the data cannot teach: before Ray starts
     if not manifest.labelled and uses_labels(params.method, params.train):
         raise ConfigError(
             f"params.yaml: method.name={params.method.name} with train.label_loss_weight="
@@ -69,9 +77,7 @@ def main() -> None:
     from selfsup.tracking import ENCODER_TAG, log_history, pretrain_run  # fails fast on an unreachable MLflow server
     from selfsup.train.ray_trainer import checkpoint_kept, pretrain_with_ray  # Ray only once params are good
 
-    val = load_split(PREPARED, "val")
-    # Without labels nothing is monitored (a label-free measure on val is the next step).
-    monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k) if manifest.labelled else None
+    monitor = pretraining_monitor(params, train, val)
     device = "cuda" if params.scaling.use_gpu else "cpu"
     tracked = params.model_dump(mode="json", include={"data", "model", "method", "views", "train", "scaling"})
     tags = {
@@ -83,7 +89,8 @@ def main() -> None:
     with pretrain_run(params.mlflow, ROOT, params=tracked, tags=tags) as run_id:
         started = time.perf_counter()
         try:
-            state = pretrain_with_ray(train.images, spec, params.scaling, CHECKPOINTS, run_name, monitor, train.labels)
+            labels = train.labels if manifest.labelled else None
+            state = pretrain_with_ray(images, spec, params.scaling, CHECKPOINTS, run_name, monitor, labels)
         except TrainingStoppedError as error:  # a NaN loss, a collapse: the run keeps its curves up to the stop
             log_history(run_id, error.history)
             raise
@@ -92,7 +99,7 @@ def main() -> None:
             raise
         wall = time.perf_counter() - started
 
-        method = build_model(spec, num_images=len(train.images))
+        method = build_model(spec, num_images=train_count)
         method.load_state_dict(state["method"])
         save_encoder(method.encoder, ENCODER, manifest.image_size)
         history = state["history"]
@@ -105,12 +112,11 @@ def main() -> None:
         }
         if "monitor_knn_top1" in history[-1]:
             summary["val_knn_top1"] = history[-1]["monitor_knn_top1"]
-        # Label-free: RankMe of the encoder's representations of held-out images (mlflow.champion_metric: rankme).
-        sample = np.random.default_rng(params.train.seed).permutation(len(val.images))[:RANKME_IMAGES]
-        held_out = val.images[np.sort(sample)]  # a random sample: the split is in file (and class) order
+        # Label-free: RankMe of the encoder's representations of held-out images (mlflow.champion_metric: rankme),
+        # of the final encoder, also with train.monitor_every: 0.
         on = "cuda" if params.scaling.use_gpu and torch.cuda.is_available() else "cpu"
-        features = extract_features(method.encoder.eval(), held_out, params.eval.batch_size, on)
-        summary.update(rankme=round(rankme(torch.from_numpy(features)), 2), rankme_images=len(held_out))
+        features = extract_features(method.encoder.eval(), monitor.held_out, params.eval.batch_size, on)
+        summary.update(rankme=round(rankme(torch.from_numpy(features)), 2), rankme_images=len(monitor.held_out))
         write_json(METRICS / "pretrain.json", summary)
         log_history(run_id, history)
         mlflow.log_metrics({f"pretrain.{k}": v for k, v in summary.items()})
@@ -135,11 +141,12 @@ the latest checkpoint; a finished run removes its own folder.
 
 
 def _write_curves(history: list[dict]) -> None:
-    """plots/pretrain.csv (every epoch), plots/monitor.csv (the monitored epochs) and plots/pretrain.png."""
+    """plots/pretrain.csv (every epoch), the monitored epochs' plots/monitor.csv (kNN top-1, with labels) and
+    plots/rankme.csv, and plots/pretrain.png."""
     from selfsup.eval.pictures import plot_training_curves
 
     PLOTS.mkdir(exist_ok=True)
-    columns = [key for key in history[0] if key != "monitor_knn_top1"]
+    columns = [key for key in history[0] if not key.startswith("monitor_")]
     with open(PLOTS / "pretrain.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -148,6 +155,10 @@ def _write_curves(history: list[dict]) -> None:
         writer = csv.writer(f)
         writer.writerow(["epoch", "val_knn_top1"])
         writer.writerows([row["epoch"], row["monitor_knn_top1"]] for row in history if "monitor_knn_top1" in row)
+    with open(PLOTS / "rankme.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "rankme"])
+        writer.writerows([row["epoch"], row["monitor_rankme"]] for row in history if "monitor_rankme" in row)
     plot_training_curves(history, PLOTS / "pretrain.png")
 
 
@@ -167,6 +178,7 @@ TRAINING_CODE = (
     "data/views.py",
     "data/lab.py",
     "data/arrays.py",
+    "data/shards.py",
     "data/__init__.py",
     "eval/knn.py",
     "eval/linear.py",

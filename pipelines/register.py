@@ -11,6 +11,7 @@ from pipelines.common import (
     PREPARED,
     ROOT,
     champion_metric_key,
+    evaluation_data,
     read_params,
     run_stage,
     write_json,
@@ -42,7 +43,12 @@ def main() -> None:
         params=params.model_dump(mode="json"),
         metrics=metrics,
         champion_metric=champion_metric,
-        lineage={"git_commit": _git_commit(), "dataset_sha256": manifest.sha256, "dataset_source": manifest.source},
+        lineage={
+            "git_commit": _git_commit(),
+            "dataset_sha256": manifest.sha256,
+            "dataset_source": manifest.source,
+            "eval_dataset_sha256": Manifest.read(evaluation_data()).sha256,  # what the labelled scores were made on
+        },
         example=load_split(PREPARED, "test" if "test" in manifest.splits else "val").images[:2],
         feature_dim=encoder.feature_dim,
         pictures=[PLOTS / name for name in PICTURES],

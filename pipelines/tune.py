@@ -6,9 +6,9 @@
     dvc exp run $(python -m pipelines.tune --adopt)   # the winner's values, as the pipeline's own params
 
 Each trial runs the pretraining loop with the sampled values and reports the monitor's validation kNN top-1
-(or the loss) every monitored epoch. Out: sweeps/trials.csv (best first), sweeps/best_params.yaml (params.yaml's
-keys), sweeps/sweep.png (the metric against each searched param), sweeps/best.json; one MLflow parent run with
-a child run per trial.
+(or its linear probe's, RankMe of held-out images, the loss) every monitored epoch. Out: sweeps/trials.csv (best
+first), sweeps/best_params.yaml (params.yaml's keys), sweeps/sweep.png (the metric against each searched param),
+sweeps/best.json; one MLflow parent run with a child run per trial.
 """
 
 import argparse
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.common import PREPARED, ROOT, read_params, run_stage, write_json
+from pipelines.common import PREPARED, ROOT, pretraining_monitor, read_params, run_stage, write_json
+from selfsup.config import LABELLED_TUNE_METRICS
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.errors import ConfigError
 from selfsup.methods import check_data
@@ -35,7 +36,6 @@ from selfsup.sweep import (
     write_best_params,
     write_trials_csv,
 )
-from selfsup.train.monitor import KnnMonitor
 
 SWEEPS = ROOT / "sweeps"
 BEST_PARAMS = SWEEPS / "best_params.yaml"
@@ -66,12 +66,17 @@ def main() -> None:
     if not args.resume:
         check_fresh_start(path)  # a folder selfsup did not make for a sweep is refused before anything starts
     manifest = Manifest.read(PREPARED)
+    if manifest.streamed:
+        raise ConfigError(
+            "params.yaml: a sweep holds the training images in memory, and data.streaming wrote them as shards: sweep "
+            "on a sample of them (data.root, data.streaming: false), then pretrain on all with the best values"
+        )
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     check_data(params.method, train.images, manifest.source)  # colorization on gray images: no trial can learn
-    if not manifest.labelled:  # every trial's monitor scores the val split by its labels
+    if params.labels_missing and config.metric in LABELLED_TUNE_METRICS:  # no trial could report it
         raise ConfigError(
-            f"a sweep needs labels (its trials are monitored by kNN on val), and data.source={manifest.source} has "
-            "none: sweep on a labelled dataset (a label-free sweep metric is not there yet)"
+            f"params.yaml: tune.metric={config.metric} needs labelled evaluation data, and {params.labels_missing}: "
+            "set tune.metric: monitor_rankme (label-free), or eval.data to a labelled dataset"
         )
 
     from selfsup.eval.pictures import plot_sweep
@@ -83,13 +88,14 @@ def main() -> None:
 
     if not args.resume:
         start_afresh(path)  # deletes the previous sweep of this name (only one selfsup started), marks the new one
-    monitor = KnnMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k)
+    monitor = pretraining_monitor(params, train, val)
     tracked = params.model_dump(mode="json", include={"model", "method", "views", "train", "tune"})
     parent = sweep_parent_run(params.mlflow, ROOT, path, tracked, args.resume)  # an unreachable server fails here
     callbacks = [MlflowTrials(TrialRuns(use_experiment(params.mlflow, ROOT), parent))]
     started = time.perf_counter()
     try:
-        trials = run_sweep(params, manifest, train.images, monitor, storage, callbacks, resume=args.resume)
+        labels = train.labels if manifest.labelled else None
+        trials = run_sweep(params, manifest, train.images, labels, monitor, storage, callbacks, resume=args.resume)
     except BaseException:
         end_sweep_run(parent, {}, [], status="FAILED")
         raise

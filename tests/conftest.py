@@ -78,7 +78,7 @@ def update_params(repo: Path, changes: dict) -> None:
 
     def merge(into: dict, new: dict) -> None:
         for key, value in new.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and isinstance(into.get(key, {}), dict):
                 merge(into.setdefault(key, {}), value)
             else:
                 into[key] = value

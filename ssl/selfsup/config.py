@@ -8,7 +8,7 @@ objects. This module imports no other part of selfsup but its errors, so that me
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -53,7 +53,10 @@ class _Section(BaseModel):
 
 SOURCES = ("digits", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "folder", "filelist")
 UNLABELLED_SOURCES = ("folder", "filelist")  # images only: pretraining needs no labels
+LABELLED_SOURCES = tuple(source for source in SOURCES if source not in UNLABELLED_SOURCES)
 EMBEDDED_SOURCES = ("digits", "mnist")  # shipped inside installed packages: no root, no download
+# STL-10's images: 5,000 labelled (train), 100,000 without labels (unlabeled), or both, as the papers pretrain.
+STL10_SPLITS = ("train", "unlabeled", "train+unlabeled")
 
 
 class DataConfig(_Section):
@@ -76,6 +79,16 @@ class DataConfig(_Section):
     # imagefolder: the share of files that may be unreadable (truncated, not an image, over max_image_pixels):
     # skipped with a one-line warning naming them; more is an error. 0 makes any unreadable file an error.
     max_unreadable_fraction: float = Field(default=0.01, ge=0, lt=1)
+    # stl10: the images pretraining reads. With unlabeled ones they carry no labels, and the evaluations read
+    # STL-10's labelled train and test splits (unless eval.data names another dataset).
+    stl10_split: Literal[STL10_SPLITS] = "train"
+    # folder, filelist: past memory_budget_gb of prepared images (uint8, image_size squared), or always with true,
+    # prepare writes the training images as Parquet shards of JPEGs at data.image_size, and pretraining streams them
+    # with Ray Data instead of holding them in each worker's memory. The validation split stays in memory.
+    streaming: Literal["auto", True, False] = "auto"
+    memory_budget_gb: float = Field(default=8.0, gt=0)
+    shards_uri: str | None = None  # where the shards go: null is data/prepared/shards; file://, s3://, gs:// URIs
+    images_per_shard: int = Field(default=8192, ge=1)
 
     @model_validator(mode="after")
     def _root_when_needed(self) -> DataConfig:
@@ -83,11 +96,28 @@ class DataConfig(_Section):
             raise ValueError(f"data.root is required for data.source={self.source!r}: set it to the dataset folder")
         if isinstance(self.root, list) and self.source != "folder":
             raise ValueError(f"data.root is a list, which only data.source=folder reads; {self.source} reads one")
+        if self.streaming is True and self.source not in UNLABELLED_SOURCES:
+            raise ValueError(
+                f"data.streaming: true applies to data.source folder and filelist (unlabelled), not {self.source}"
+            )
+        if self.streaming is True and not self.image_size:
+            raise ValueError("data.streaming: true needs data.image_size: the shards hold images of one size")
+        if self.stl10_split != "train" and self.source != "stl10":
+            raise ValueError(
+                f"data.stl10_split={self.stl10_split} applies to data.source=stl10 only; remove it for {self.source}"
+            )
         return self
 
     @property
     def labelled(self) -> bool:
-        return self.source not in UNLABELLED_SOURCES
+        """Whether the images pretraining reads carry labels (which then also serve the evaluations)."""
+        return self.source not in UNLABELLED_SOURCES and self.stl10_split == "train"
+
+    def labelled_splits(self) -> EvalDataConfig | None:
+        """The same dataset's labelled splits, where pretraining reads its unlabelled ones (STL-10's)."""
+        if self.source == "stl10" and self.stl10_split != "train":
+            return EvalDataConfig(source="stl10", root=self.root, download=self.download, seed=self.seed)
+        return None
 
 
 class ModelConfig(_Section):
@@ -208,27 +238,49 @@ class SemisupConfig(_Section):
     flip_prob: float = Field(default=0.0, ge=0, le=1)  # ... and a flip (off for digits)
 
 
-class TransferConfig(_Section):
-    """The target dataset: the same sources as `data`, resized to the encoder's image size."""
+class _LabelledSource(_Section):
+    """A labelled dataset the evaluations read: the same sources as `data` (their labelled ones), at the size of
+    the pretraining images, read under data's limits (data.max_*, data.val_fraction)."""
 
-    source: Literal[SOURCES] = "mnist"
+    section: ClassVar[str]
+    source: Literal[LABELLED_SOURCES]
     root: str | None = None
     download: bool = False
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # when the source has no test split
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _root_when_needed(self) -> TransferConfig:
-        if self.source in UNLABELLED_SOURCES:
+    @field_validator("source", mode="before")
+    @classmethod
+    def _has_labels(cls, value: Any) -> Any:
+        if value in UNLABELLED_SOURCES:
             raise ValueError(
-                f"eval.transfer.source={self.source} has no labels, which the transfer target needs: pick a labelled "
-                "source (mnist, digits, cifar10, cifar100, stl10 or imagefolder)"
+                f"{value} has no labels, which {cls.section} needs: pick a labelled source "
+                f"({', '.join(LABELLED_SOURCES)})"
             )
+        return value
+
+    @model_validator(mode="after")
+    def _root_when_needed(self) -> _LabelledSource:
         if self.source not in EMBEDDED_SOURCES and not self.root:
+            section = self.section
             raise ValueError(
-                f"eval.transfer.root is required for eval.transfer.source={self.source!r}: set it to the dataset folder"
+                f"{section}.root is required for {section}.source={self.source!r}: set it to the dataset folder"
             )
         return self
+
+
+class TransferConfig(_LabelledSource):
+    """The target dataset of transfer: another dataset, judged on the frozen encoder."""
+
+    section: ClassVar[str] = "eval.transfer"
+    source: Literal[LABELLED_SOURCES] = "mnist"
+
+
+class EvalDataConfig(_LabelledSource):
+    """The labelled dataset that the monitor, kNN, linear probe and fine-tuning read when it is not the pretraining
+    data's own: for pretraining images without labels, or to judge every encoder on one fixed dataset."""
+
+    section: ClassVar[str] = "eval.data"
 
 
 class EvalConfig(_Section):
@@ -242,6 +294,8 @@ class EvalConfig(_Section):
     linear: LinearConfig = LinearConfig()
     semisup: SemisupConfig = SemisupConfig()
     transfer: TransferConfig = TransferConfig()
+    # null: the pretraining data's own labelled splits (STL-10's train and test when pretraining reads unlabeled).
+    data: EvalDataConfig | None = None
 
 
 class MlflowConfig(_Section):
@@ -255,7 +309,9 @@ class MlflowConfig(_Section):
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice")
 # What a trial reports each monitored epoch: the monitor's kNN, its linear probe (eval.linear.*, searchable), the loss.
-TUNE_METRICS = {"monitor_knn_top1": "max", "monitor_linear_top1": "max", "loss": "min"}
+# RankMe needs no labels: the one for pretraining images without them.
+TUNE_METRICS = {"monitor_knn_top1": "max", "monitor_linear_top1": "max", "monitor_rankme": "max", "loss": "min"}
+LABELLED_TUNE_METRICS = ("monitor_knn_top1", "monitor_linear_top1")
 
 
 def _one_distribution(value: Any) -> Any:
@@ -299,7 +355,8 @@ class TuneConfig(_Section):
     }
     num_samples: int = Field(default=8, ge=1)
     epochs: int = Field(default=20, ge=1)  # train.epochs of each trial
-    metric: str = "monitor_knn_top1"  # the monitor's validation kNN top-1, its linear probe's, or the loss
+    # The monitor's validation kNN top-1, its linear probe's, RankMe of held-out images (no labels), or the loss.
+    metric: str = "monitor_knn_top1"
     mode: Literal["max", "min"] | None = None  # null: the metric's own (max for accuracy, min for the loss)
     search: Literal["random", "optuna"] = "random"  # optuna: pip install -e ".[optuna]"
     seed: int = 0  # of the search's draws: the same params give the same trials

@@ -19,6 +19,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, create_model, field
 from selfsup.config import (
     DataConfig,
     EvalConfig,
+    EvalDataConfig,
     MethodConfig,
     MlflowConfig,
     ModelConfig,
@@ -114,12 +115,26 @@ class Params(_Section):
                 f"mlflow.champion_metric={self.mlflow.champion_metric!r} is not measured; allowed: "
                 f"{', '.join(allowed)} (the k of kNN come from eval.knn.k)"
             )
-        if not self.data.labelled and self.mlflow.champion_metric != "rankme":
+        if self.labels_missing and self.mlflow.champion_metric != "rankme":
             raise ValueError(
-                f"mlflow.champion_metric={self.mlflow.champion_metric} needs labels, and data.source="
-                f"{self.data.source} has none: set mlflow.champion_metric: rankme (label-free)"
+                f"mlflow.champion_metric={self.mlflow.champion_metric} needs labelled evaluation data: "
+                f"{self.labels_missing}; set eval.data to a labelled dataset, or mlflow.champion_metric: "
+                "rankme (label-free)"
             )
         return self
+
+    @property
+    def evaluation_data(self) -> EvalDataConfig | None:
+        """The labelled dataset the evaluations read when it is not the pretraining data itself: eval.data, or the
+        labelled splits of a dataset whose unlabelled ones pretraining reads (STL-10's)."""
+        return self.eval.data or self.data.labelled_splits()
+
+    @property
+    def labels_missing(self) -> str | None:
+        """Why no evaluation that needs labels can run; None when they can."""
+        if self.data.labelled or self.evaluation_data is not None:
+            return None
+        return f"data.source={self.data.source} has no labels and eval.data is not set"
 
     @model_validator(mode="after")
     def _batch_fits_method(self) -> Params:

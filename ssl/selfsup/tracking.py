@@ -357,16 +357,20 @@ def register_encoder(
     return Registration(config.model_name, version, alias, score, champion, f"models:/{config.model_name}/{version}")
 
 
-# What a champion metric's value depends on besides the encoder, as version tags: the data (every split's hash) and
-# the keys of its protocol (knn's k is in the metric's name).
+# What a champion metric's value depends on besides the encoder, as version tags: the data it is measured on (every
+# split's hash) and the keys of its protocol (knn's k is in the metric's name). RankMe is measured on the pretraining
+# data's held-out images, the labelled protocols on the evaluation data.
 SCORE_DEPENDS_ON = {"knn": ("params.eval.knn.temperature",), "linear": ("params.eval.linear.", "params.eval.seeds")}
 
 
 def score_definition(tags: dict[str, str], metric: str) -> dict[str, str | None]:
     """The tags of a version that must be equal for its `metric` to be comparable with another version's."""
-    prefixes = SCORE_DEPENDS_ON.get(metric.split(".")[0], ())
+    protocol = metric.split(".")[0]
+    prefixes = SCORE_DEPENDS_ON.get(protocol, ())
     keys = {key for key in tags if key.startswith(prefixes)} | {p for p in prefixes if not p.endswith(".")}
-    return {"dataset_sha256": tags.get("dataset_sha256"), **{key: tags.get(key) for key in sorted(keys)}}
+    # Versions registered before eval.data existed were evaluated on their pretraining data.
+    data = "dataset_sha256" if protocol == "pretrain" else "eval_dataset_sha256"
+    return {data: tags.get(data, tags.get("dataset_sha256")), **{key: tags.get(key) for key in sorted(keys)}}
 
 
 def _choose_alias(

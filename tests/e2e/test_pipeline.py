@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 STAGES = [
     "prepare",
     "prepare_transfer",
+    "prepare_eval",
     "label_subsets",
     "pretrain",
     "features",
@@ -36,7 +37,7 @@ STAGES = [
     "register",
 ]
 PROTOCOLS = ("knn", "linear", "semisup", "transfer")
-NO_LABELS = "data.source=folder has no labels: this evaluation needs a labelled dataset"
+NO_LABELS = "data.source=folder has no labels and eval.data is not set: set eval.data to a labelled dataset"
 PICTURES = ("pretrain.png", "retrieval.png", "embedding_map.png", "confusion.png", "label_fraction.png")
 
 
@@ -82,6 +83,9 @@ def test_repro_runs_every_stage_and_registers_a_loadable_encoder(default_run):
     monitored = list(range(monitor_every, epochs + 1, monitor_every))
     monitor = (repo / "plots" / "monitor.csv").read_text().splitlines()
     assert monitor[0] == "epoch,val_knn_top1" and [int(row.split(",")[0]) for row in monitor[1:]] == monitored
+    rankme = [row.split(",") for row in (repo / "plots" / "rankme.csv").read_text().splitlines()]
+    assert rankme[0] == ["epoch", "rankme"] and [int(row[0]) for row in rankme[1:]] == monitored
+    assert float(rankme[-1][1]) == pytest.approx(pretrain["rankme"], abs=0.01)  # the last epoch's, the final encoder
     assert f"epoch  {epochs}/{epochs}  loss" in output and "val kNN" in output  # readable progress lines
 
     registration = read_json(repo / "models" / "registration.json")
@@ -113,7 +117,8 @@ def test_repro_runs_every_stage_and_registers_a_loadable_encoder(default_run):
     for curve_name in ("loss", "lr", "images_per_s", "embedding_std", "effective_rank"):
         steps = [m.step for m in client.get_metric_history(version.run_id, curve_name)]
         assert steps == list(range(1, epochs + 1)), curve_name
-    assert [m.step for m in client.get_metric_history(version.run_id, "monitor_knn_top1")] == monitored
+    for curve_name in ("monitor_knn_top1", "monitor_rankme"):
+        assert [m.step for m in client.get_metric_history(version.run_id, curve_name)] == monitored
     logged = run_of_version.data.metrics
     for protocol in PROTOCOLS:
         assert any(key.startswith(f"{protocol}.") for key in logged), protocol
@@ -138,6 +143,7 @@ def test_every_picture_is_a_declared_plot_that_dvc_renders(pipeline_repo):
         "pretraining loss": "loss",
         "learning rate": "lr",
         "validation kNN top-1 during pretraining": "val_knn_top1",
+        "RankMe of held-out images during pretraining": "rankme",
         "accuracy against label fraction": "pretrained_mean",
         "linear probe confusion": "predicted",
     }
@@ -180,16 +186,18 @@ def unlabelled_folder(folder: Path, count: int = 300) -> Path:
     return folder
 
 
-def test_two_queued_experiments_at_once_land_in_the_projects_registry_one_of_them_unlabelled(pipeline_repo):
+def test_queued_experiments_two_at_once_land_in_the_projects_registry_two_of_them_unlabelled(pipeline_repo):
     """`dvc exp run --queue` runs each experiment in a temporary copy of the workspace that DVC deletes afterwards;
     `dvc queue start --jobs 2` runs two at once, each on a private Ray instance of its own. Their MLflow runs and
     registered versions land in the project's one store, loadable once the copies are gone.
 
     One switches the method to Exemplar-CNN (which the stage hands its images' indices, a class per image, and for
-    the auxiliary labelled loss the labels): it re-runs pretrain and every stage after it, and only those, and the
-    champion is the best of the comparable versions whichever registered first. The other pretrains on a folder
-    of unlabelled images in any structure: the evaluations that need labels write their reason, transfer is
-    measured, RankMe is its score, and, on other data, it can only be a challenger."""
+    the auxiliary labelled loss the labels): it re-runs pretrain and every stage after it, and only those. Two
+    pretrain on a folder of unlabelled images in any structure. One of them is evaluated on a labelled dataset of
+    its own (eval.data: the digits, prepared as the first version's were): its scores are comparable with the
+    first version's, and the champion is the best of the comparable versions whichever registered first. The
+    other has no labels at all: the evaluations that need labels write their reason, transfer is measured,
+    RankMe is its score, and, on other data, it can only be a challenger."""
     repo, env = pipeline_repo
     private = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # two private instances at once
     first = read_json(repo / "models" / "registration.json")
@@ -201,7 +209,8 @@ def test_two_queued_experiments_at_once_land_in_the_projects_registry_one_of_the
     experiments = {
         # without train.label_loss_weight's labels the stage would stop with a ConfigError
         "exemplar-small": ["method.name=exemplar", "train.label_loss_weight=0.5", *knobs],
-        "unlabelled": ["data.source=folder", f"data.root={images}", "mlflow.champion_metric=rankme"],
+        "unlabelled": ["data.source=folder", f"data.root={images}", 'eval.data={"source": "digits"}'],
+        "no-labels": ["data.source=folder", f"data.root={images}", "mlflow.champion_metric=rankme"],
     }
     # The tiny budget with one seed: half the evaluations' time, and the champion's kNN score has no seeds.
     tiny = {**flatten(TINY_PARAMS), "eval.seeds": [0]}
@@ -213,37 +222,49 @@ def test_two_queued_experiments_at_once_land_in_the_projects_registry_one_of_the
     assert run(["dvc", "queue", "start", "--jobs", "2"], repo, private).returncode == 0
     status = wait_for_the_queue(repo, private)
     logs = {name: run(["dvc", "queue", "logs", name], repo, private).output for name in experiments}
-    assert status.count("Success") == 2, (status, logs)
-    assert sorted(ran_stages(logs["exemplar-small"])) == sorted(STAGES[3:]), logs["exemplar-small"][-3000:]
-    assert sorted(ran_stages(logs["unlabelled"])) == sorted(STAGES), logs["unlabelled"][-3000:]
-    assert f"eval_knn: skipped: {NO_LABELS}" in logs["unlabelled"]
+    assert status.count("Success") == 3, (status, logs)
+    assert sorted(ran_stages(logs["exemplar-small"])) == sorted(STAGES[4:]), logs["exemplar-small"][-3000:]
+    for unlabelled in ("unlabelled", "no-labels"):
+        assert sorted(ran_stages(logs[unlabelled])) == sorted(STAGES), logs[unlabelled][-3000:]
+    assert f"eval_knn: skipped: {NO_LABELS}" in logs["no-labels"]
+    assert "skipped" not in logs["unlabelled"]
 
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing was written inside the copies
     versions = {str(v.version): v for v in client.search_model_versions(f"name = '{first['name']}'")}
-    assert sorted(versions) == ["1", "2", "3"]
-    by_name = {client.get_run(versions[v].run_id).data.tags["dvc_experiment"]: v for v in ("2", "3")}
+    assert sorted(versions) == ["1", "2", "3", "4"]
+    by_name = {client.get_run(versions[v].run_id).data.tags["dvc_experiment"]: v for v in ("2", "3", "4")}
     assert by_name.keys() == experiments.keys()
     exemplar = client.get_run(versions[by_name["exemplar-small"]].run_id).data.params
     assert (exemplar["method.name"], exemplar["train.label_loss_weight"]) == ("exemplar", "0.5")
     for version in by_name.values():
         losses = client.get_metric_history(versions[version].run_id, "loss")
         assert sorted(m.step for m in losses) == list(range(1, TINY_PARAMS["train"]["epochs"] + 1))
-    # Same data and kNN temperature: version 1 and the exemplar's are comparable, and the champion is the better.
-    comparable = ("1", by_name["exemplar-small"])
+    # Same evaluation data and kNN temperature: version 1, the exemplar's and the one pretrained on the unlabelled
+    # folder are comparable, and the champion is the best.
+    comparable = ("1", by_name["exemplar-small"], by_name["unlabelled"])
+    assert len({versions[v].tags["eval_dataset_sha256"] for v in comparable}) == 1
+    assert versions[by_name["unlabelled"]].tags["dataset_sha256"] != versions["1"].tags["dataset_sha256"]
     scores = {v: float(versions[v].tags["metrics.knn.val.k20.top1"]) for v in comparable}
     assert scores["1"] == first["score"]
     champion = str(client.get_registered_model(first["name"]).aliases["champion"])
     assert scores[champion] == max(scores.values()), (champion, scores)
-    rankme = float(versions[by_name["unlabelled"]].tags["metrics.pretrain.rankme"])  # its score, label-free
-    assert rankme > 1 and "metrics.knn.val.k20.top1" not in versions[by_name["unlabelled"]].tags
+    rankme = float(versions[by_name["no-labels"]].tags["metrics.pretrain.rankme"])  # its score, label-free
+    assert rankme > 1 and "metrics.knn.val.k20.top1" not in versions[by_name["no-labels"]].tags
+    assert versions[by_name["no-labels"]].aliases == ["challenger"]
     model = mlflow.pyfunc.load_model(f"models:/{first['name']}@champion")
     assert model.predict(np.zeros((2, 16, 16, 3), dtype=np.uint8)).shape[0] == 2
 
-    # The unlabelled experiment's outputs, as `dvc exp apply` brings them into the workspace.
+    # The unlabelled experiment evaluated on the digits: its monitor watched them, every protocol ran.
     assert run(["dvc", "exp", "apply", "unlabelled"], repo, env).returncode == 0
+    assert read_json(repo / "data" / "eval" / "manifest.json")["class_names"] == [str(c) for c in range(10)]
+    assert 0.1 < read_json(repo / "metrics" / "pretrain.json")["val_knn_top1"] <= 1
+    assert 0.1 < read_json(repo / "metrics" / "eval_semisup.json")["1pct"]["test"]["top1"]["mean"] <= 1
+
+    # The outputs of the one without labels, as `dvc exp apply` brings them into the workspace.
+    assert run(["dvc", "exp", "apply", "no-labels"], repo, env).returncode == 0
     manifest = read_json(repo / "data" / "prepared" / "manifest.json")
     assert manifest["class_names"] == [] and set(manifest["splits"]) == {"train", "val"}
     assert sum(split["count"] for split in manifest["splits"].values()) == 300

@@ -14,19 +14,19 @@ from pipelines.common import PREPARED, read_params, run_stage
 from selfsup.config import ScalingConfig
 from selfsup.data.arrays import Manifest, load_split
 from selfsup.train.loop import PretrainSpec
-from selfsup.train.monitor import KnnMonitor
+from selfsup.train.monitor import Monitor
 from selfsup.train.ray_trainer import pretrain_with_ray
 
 
-class BuggyMonitor(KnnMonitor):  # defined in __main__: Ray ships the class itself to the worker
-    def measure(self, encoder, images):
+class BuggyMonitor(Monitor):  # defined in __main__: Ray ships the class itself to the worker
+    def measure(self, encoder, device, images=None):
         raise ZeroDivisionError("a bug in the monitor")
 
 
 def main():
     params, manifest = read_params(), Manifest.read(PREPARED)
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
-    monitor = BuggyMonitor(train.labels, val.images, val.labels, k=params.train.monitor_k)
+    monitor = BuggyMonitor(val.images)
     spec = PretrainSpec.from_params(params, manifest)
     pretrain_with_ray(train.images, spec, ScalingConfig(max_failures=2), "checkpoints", "a-buggy-run", monitor)
 

@@ -528,8 +528,8 @@ def test_a_resumed_sweeps_scheduler_rereads_each_trials_reports_and_waits_on_wha
     assert scheduler.decision("t2") == PENDING
 
 
-def test_a_sweep_on_unlabelled_data_stops_in_one_line_before_ray_starts(tmp_path):
-    """Its trials are monitored by kNN on val's labels: with -1 for every label each trial would crash instead."""
+def test_a_labelled_sweep_metric_on_unlabelled_data_stops_in_one_line_before_ray_starts(tmp_path):
+    """kNN on val's labels: with -1 for every label each trial would crash instead. RankMe needs none."""
     from selfsup.config import DataConfig
     from selfsup.data.sources import prepare_dataset
     from tests.unit.data.test_unlabelled_sources import make_tree
@@ -539,8 +539,11 @@ def test_a_sweep_on_unlabelled_data_stops_in_one_line_before_ray_starts(tmp_path
     make_tree(images)
     prepare_dataset(DataConfig(source="folder", root=str(images), image_size=8), repo / "data" / "prepared")
     unlabelled = ["-S", "data.source=folder", "-S", f"data.root={images}", "-S", "mlflow.champion_metric=rankme"]
-    result = run_stage(repo, tmp_path, *unlabelled, "-S", "tune.metric=loss")
+    result = run_stage(repo, tmp_path, *unlabelled, "-S", "tune.metric=monitor_knn_top1")
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("error: a sweep needs labels (its trials are monitored by kNN on val), and data.source")
+    assert line.startswith(
+        "error: params.yaml: tune.metric=monitor_knn_top1 needs labelled evaluation data, and data.source=folder has "
+        "no labels and eval.data is not set: set tune.metric: monitor_rankme (label-free), or eval.data"
+    )
     assert not (repo / "sweeps" / "ray").exists()  # nothing started

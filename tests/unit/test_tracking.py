@@ -75,7 +75,7 @@ def test_champion_moves_only_when_beaten(tmp_path, encoder_file, monkeypatch):
     assert (other_data.champion.version, other_data.champion.score, other_data.champion.differs) == (
         "3",
         None,
-        ["dataset_sha256"],
+        ["eval_dataset_sha256"],
     )
 
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()  # all inside root
@@ -127,12 +127,22 @@ def test_a_score_is_defined_by_the_data_and_its_protocols_keys():
 
     tags = {"dataset_sha256": "0" * 64, "params.data.root": "/a", "params.eval.knn.temperature": "0.07"}
     knn = score_definition(tags, "knn.val.k20.top1")
-    assert knn == {"dataset_sha256": "0" * 64, "params.eval.knn.temperature": "0.07"}  # not data.root, not k
+    # A version from before eval.data was evaluated on its pretraining data: that data's hash stands for both.
+    assert knn == {"eval_dataset_sha256": "0" * 64, "params.eval.knn.temperature": "0.07"}  # not data.root, not k
+    # Labelled scores are made on the evaluation data, RankMe on the pretraining data's held-out images.
+    apart = {**tags, "eval_dataset_sha256": "e" * 64}
+    assert score_definition({**apart, "dataset_sha256": "1" * 64}, "knn.val.k20.top1") == score_definition(
+        apart, "knn.val.k20.top1"
+    )
+    assert score_definition(apart, "pretrain.rankme") == {"dataset_sha256": "0" * 64}
+    assert score_definition({**apart, "eval_dataset_sha256": "f" * 64}, "pretrain.rankme") == {
+        "dataset_sha256": "0" * 64
+    }
     assert score_definition({**tags, "params.data.root": "/b"}, "knn.val.k20.top1") == knn
     assert score_definition({**tags, "params.eval.knn.temperature": "0.1"}, "knn.val.k20.top1") != knn
     linear = {**tags, "params.eval.linear.lr": "0.01", "params.eval.seeds": "[0, 1]"}
     assert set(score_definition(linear, "linear.val.top1.mean")) == {
-        "dataset_sha256",
+        "eval_dataset_sha256",
         "params.eval.linear.lr",
         "params.eval.seeds",
     }

@@ -56,9 +56,27 @@ class Manifest:
     def labelled(self) -> bool:
         return bool(self.class_names)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the training images are Parquet shards that pretraining streams (selfsup.data.shards)."""
+        return "shards" in self.splits.get("train", {})
+
+    def shards(self, folder: str | Path) -> tuple[str, list[str]]:
+        """The training shards' URI (a relative one is inside `folder`) and their file names."""
+        train = self.splits["train"]
+        uri = train["shards"]
+        if "://" not in uri and not Path(uri).is_absolute():
+            uri = str((Path(folder) / uri).resolve())
+        return uri, train["files"]
+
     def split_path(self, folder: str | Path, split: str) -> Path:
         if split not in self.splits:
             raise DatasetError(f"split {split!r} not in the prepared dataset ({', '.join(self.splits)})")
+        if "file" not in self.splits[split]:
+            raise DatasetError(
+                f"the {split} split of {folder} is streamed from shards ({self.splits[split]['shards']}), not held "
+                "in memory: read it with selfsup.data.shards"
+            )
         return Path(folder) / self.splits[split]["file"]
 
 
@@ -80,6 +98,26 @@ def write_dataset(folder: str | Path, source: str, splits: dict[str, Split], cla
     return manifest
 
 
+def write_streamed_dataset(
+    folder: str | Path, source: str, val: Split, train: dict, mean: list[float], std: list[float]
+) -> Manifest:
+    """The manifest of a dataset whose training images are shards (`train`: count, sha256, shards, files), and its
+    validation split, held in memory as a prepared split is."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(source=source, image_size=list(val.images.shape[1:3]), class_names=[], mean=mean, std=std)
+    path = folder / "val.npz"
+    _atomic_write(path, lambda f: np.savez(f, images=val.images, labels=val.labels))
+    manifest.splits = {
+        "train": train,
+        "val": {"file": path.name, "count": len(val.labels), "sha256": file_sha256(path)},
+    }
+    manifest.sha256 = hashlib.sha256("".join(manifest.splits[n]["sha256"] for n in sorted(manifest.splits)).encode())
+    manifest.sha256 = manifest.sha256.hexdigest()
+    _atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(asdict(manifest), indent=2).encode()))
+    return manifest
+
+
 def load_split(folder: str | Path, split: str, with_labels: bool = True) -> Split | np.ndarray:
     """Load one prepared split; `with_labels=False` returns the images alone (what pretraining sees)."""
     manifest = Manifest.read(folder)
@@ -91,6 +129,16 @@ def load_split(folder: str | Path, split: str, with_labels: bool = True) -> Spli
     except (OSError, ValueError, KeyError) as error:
         raise DatasetError(f"cannot read {path} ({error}): re-run `dvc repro -f prepare`") from None
     return Split(images, labels) if with_labels else images
+
+
+def load_labels(folder: str | Path, split: str) -> np.ndarray:
+    """One prepared split's labels alone, without reading its images."""
+    path = Manifest.read(folder).split_path(folder, split)
+    try:
+        with np.load(path) as arrays:
+            return arrays["labels"]
+    except (OSError, ValueError, KeyError) as error:
+        raise DatasetError(f"cannot read {path} ({error}): re-run `dvc repro -f prepare`") from None
 
 
 def _channel_mean_std(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selfsup.config import DataConfig
-from selfsup.data.arrays import Manifest, Split, write_dataset
+from selfsup.config import UNLABELLED_SOURCES, DataConfig
+from selfsup.data.arrays import Manifest, Split, write_dataset, write_streamed_dataset
 from selfsup.errors import DatasetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -34,18 +34,23 @@ UNLABELLED = -1  # the label of every image of a source without labels (folder, 
 
 def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
     """Read the configured source, resize if asked, carve a class-balanced validation split out of train,
-    and write train/val/test arrays plus a manifest."""
-    readers = {
-        "digits": _read_digits,
-        "mnist": _read_mnist,
-        "cifar10": _read_torchvision,
-        "cifar100": _read_torchvision,
-        "stl10": _read_torchvision,
-        "imagefolder": _read_imagefolder,
-        "folder": _read_folder,
-        "filelist": _read_filelist,
-    }
-    splits, class_names = readers[config.source](config)
+    and write train/val/test arrays plus a manifest; or, for images that would not fit data.memory_budget_gb
+    (data.streaming), the training images as shards (prepare_streamed)."""
+    if config.source in UNLABELLED_SOURCES:
+        files = _folder_files(config) if config.source == "folder" else _filelist_files(config)
+        if streams(config, len(files)):
+            return prepare_streamed(files, config, out_dir)
+        splits, class_names = {"train": _decode_unlabelled(files, config)}, []
+    else:
+        readers = {
+            "digits": _read_digits,
+            "mnist": _read_mnist,
+            "cifar10": _read_torchvision,
+            "cifar100": _read_torchvision,
+            "stl10": _read_torchvision,
+            "imagefolder": _read_imagefolder,
+        }
+        splits, class_names = readers[config.source](config)
     if len(class_names) == 1:  # labelled, but every evaluation would score 100%
         raise DatasetError(
             f"data.source={config.source} at {config.root} has one class ({class_names[0]}): for images without "
@@ -133,30 +138,51 @@ def _read_mnist(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
 
 
 def _read_torchvision(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
+    if config.source == "stl10" and config.stl10_split != "train":
+        return _read_stl10_unlabelled(config)
     import torchvision.datasets as tvd
 
-    root = Path(config.root).expanduser()
     make = {
-        "cifar10": lambda train: tvd.CIFAR10(root, train=train, download=config.download),
-        "cifar100": lambda train: tvd.CIFAR100(root, train=train, download=config.download),
-        "stl10": lambda train: tvd.STL10(root, split="train" if train else "test", download=config.download),
+        "cifar10": lambda root, train: tvd.CIFAR10(root, train=train, download=config.download),
+        "cifar100": lambda root, train: tvd.CIFAR100(root, train=train, download=config.download),
+        "stl10": lambda root, train: tvd.STL10(root, split="train" if train else "test", download=config.download),
     }[config.source]
     splits = {}
-    try:
+    with _torchvision_errors(config) as root:
         for name in ("train", "test"):
-            dataset = make(name == "train")
-            if config.source == "stl10":
-                images, labels = dataset.data.transpose(0, 2, 3, 1), dataset.labels
-            else:
-                images, labels = dataset.data, dataset.targets
+            dataset = make(root, name == "train")
+            images, labels = (dataset.data, dataset.targets) if config.source != "stl10" else _stl10_arrays(dataset)
             splits[name] = Split(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64))
-    except (RuntimeError, OSError) as error:  # "Dataset not found or corrupted"; a failed download
+    return splits, list(dataset.classes)
+
+
+def _read_stl10_unlabelled(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
+    """STL-10's 100,000 unlabelled images (data.stl10_split: unlabeled), with its 5,000 labelled training images
+    (train+unlabeled): all without labels, for pretraining."""
+    import torchvision.datasets as tvd
+
+    with _torchvision_errors(config) as root:
+        images, _ = _stl10_arrays(tvd.STL10(root, split=config.stl10_split, download=config.download))
+    return {"train": Split(images, np.full(len(images), UNLABELLED, dtype=np.int64))}, []
+
+
+def _stl10_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """STL-10's N x 3 x 96 x 96 array as N x 96 x 96 x 3, and its labels (-1 for the unlabelled images)."""
+    return np.ascontiguousarray(dataset.data.transpose(0, 2, 3, 1), dtype=np.uint8), dataset.labels
+
+
+@contextmanager
+def _torchvision_errors(config: DataConfig) -> Iterator[Path]:
+    """data.root, and torchvision's "Dataset not found or corrupted" or a failed download as one line."""
+    root = Path(config.root).expanduser()
+    try:
+        yield root
+    except (RuntimeError, OSError) as error:
         hint = "set data.download: true (needs internet)" if not config.download else "check the download"
         raise DatasetError(
             f"{config.source} not found or corrupt under data.root={root} ({error}); {hint}, or point "
             f"data.root at a folder holding torchvision's {config.source} files"
         ) from None
-    return splits, list(dataset.classes)
 
 
 def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
@@ -185,21 +211,66 @@ def _read_imagefolder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
     return _split_by_fraction(split.images, split.labels, config), classes
 
 
-def _read_folder(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
+def streams(config: DataConfig, count: int) -> bool:
+    """Whether `count` images of the source go to shards rather than arrays in memory (data.streaming)."""
+    if config.streaming != "auto":
+        return config.streaming
+    if config.source not in UNLABELLED_SOURCES or not config.image_size:  # the size is known only once decoded
+        return False
+    return count * config.image_size**2 * 3 > config.memory_budget_gb * (1 << 30)
+
+
+def prepare_streamed(files: list[Path], config: DataConfig, out_dir: str | Path) -> Manifest:
+    """Hold data.val_fraction of the files out (decoded into memory, as a prepared split), and write the rest as
+    Parquet shards of JPEGs at data.image_size (data.shards_uri, by default out_dir/shards), one file at a time:
+    memory stays bounded whatever the number of images. Unreadable files are skipped as _decode_files does."""
+    from selfsup.data.shards import ShardWriter
+
+    train, val = random_split(len(files), config.val_fraction, config.seed + 1)
+    # In a random order: a stream reads a shard at a time, and files in folder order (by class, by date) would make
+    # batches of look-alikes that a local shuffle buffer cannot mix.
+    train = np.random.default_rng(config.seed + 2).permutation(train)
+    held_out = _decode_unlabelled([files[i] for i in val], config)
+    uri = config.shards_uri or "shards"  # relative: inside out_dir, wherever the project is copied
+    writer = ShardWriter(
+        uri if "://" in uri or Path(uri).is_absolute() else str(Path(out_dir) / uri), config.images_per_shard
+    )
+    allowed = int(config.max_unreadable_fraction * len(train) + 1e-9)
+    skipped = []
+    for done, index in enumerate(train, start=1):
+        try:
+            image = _decode_image(files[index], config.max_image_pixels)
+        except _Unreadable as error:
+            skipped.append((files[index], str(error)))
+            if len(skipped) > allowed:
+                raise _too_many_unreadable(skipped, done, len(train), config.max_unreadable_fraction, allowed) from None
+            continue
+        writer.add(center_crop_resize(image, config.image_size).permute(1, 2, 0).numpy())
+        if done % 50_000 == 0:
+            print(f"prepare: {done:,} of {len(train):,} training images written as shards", flush=True)
+    writer.close()
+    if skipped:
+        _warn_skipped(skipped, len(train), config.max_unreadable_fraction, allowed)
+    mean, std = writer.mean_std(config.image_size**2)
+    shards = {"count": writer.count, "sha256": writer.sha256, "shards": uri, "files": writer.files}
+    return write_streamed_dataset(out_dir, config.source, held_out, shards, mean, std)
+
+
+def _folder_files(config: DataConfig) -> list[Path]:
     """Every image below data.root (one folder or a list), in any structure: no classes, no labels."""
     roots = [Path(root).expanduser() for root in (config.root if isinstance(config.root, list) else [config.root])]
     files = []
     for root in roots:
         if not root.is_dir():
             raise DatasetError(f"data.root={root} is not a folder: point data.root at the folder of your images")
-        found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = _image_files(root)
         if not found:
             raise DatasetError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in any of its folders")
         files += found
-    return {"train": _decode_unlabelled(files, config)}, []
+    return files
 
 
-def _read_filelist(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
+def _filelist_files(config: DataConfig) -> list[Path]:
     """The images a text file names, one path per line (relative to the file's folder, or absolute); blank lines
     and lines starting with # are skipped."""
     listing = Path(config.root).expanduser()
@@ -215,7 +286,7 @@ def _read_filelist(config: DataConfig) -> tuple[dict[str, Split], list[str]]:
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         )
         raise DatasetError(f"{len(missing)} of the {len(files)} files {listing} names do not exist: {shown}")
-    return {"train": _decode_unlabelled(files, config)}, []
+    return files
 
 
 def _decode_unlabelled(files: list[Path], config: DataConfig) -> Split:
@@ -250,11 +321,16 @@ def _list_class_files(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
         raise DatasetError(f"no class subfolders in {folder}: expected {folder}/<class name>/<image files>")
     files = []
     for index, name in enumerate(classes):
-        images = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = _image_files(folder / name)
         if not images:
             raise DatasetError(f"class folder {folder / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files += [(p, index) for p in images]
     return files, classes
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Every image file below `folder`, at any depth, sorted (by suffix: IMAGE_SUFFIXES, any case)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 class _Unreadable(Exception):

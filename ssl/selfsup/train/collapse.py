@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,13 @@ def effective_rank(z: torch.Tensor) -> float:
 
 # RankMe's sample: about 25,600 images (Garrido et al., 2023), enough for the rank of a 2048-d representation.
 RANKME_IMAGES = 25_600
+
+
+def rankme_sample(images: np.ndarray, seed: int) -> np.ndarray:
+    """RANKME_IMAGES of the images (all when fewer), drawn at random with `seed` and kept in their order: a split
+    is in file (often class) order, and the first ones would be few classes."""
+    chosen = np.random.default_rng(seed).permutation(len(images))[:RANKME_IMAGES]
+    return images[np.sort(chosen)]
 
 
 @torch.no_grad()

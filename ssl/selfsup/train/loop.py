@@ -2,8 +2,9 @@
 
 It knows nothing of Ray: its caller hands it a `Session` that says which worker it is and carries
 metrics and checkpoints out (Ray Train's in `selfsup.train.ray_trainer`, or `LocalSession` for a
-plain single-process run). Each worker holds the whole uint8 dataset on its device, takes its shard of
-a shared per-epoch permutation, and makes the views on the device.
+plain single-process run). Each worker holds the whole uint8 dataset on its device and takes its shard of
+a shared per-epoch permutation, or, for a dataset larger than memory, takes its part of a stream of batches
+(`StreamedImages`, Ray Data's in `selfsup.train.ray_trainer`); it makes the views on the device.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +31,7 @@ from selfsup.models import Encoder
 from selfsup.models.batchnorm import convert_to_global_batchnorm
 from selfsup.params import Params, learning_rate
 from selfsup.train.collapse import effective_rank, embedding_std
-from selfsup.train.monitor import KnnMonitor
+from selfsup.train.monitor import Monitor
 from selfsup.train.optim import build_optimizer, set_lr, warmup_cosine
 from selfsup.train.step import TrainStep
 
@@ -152,16 +154,48 @@ def single_process_step(spec: PretrainSpec, device: torch.device, num_images: in
     return TrainStep(method, optimizer, views, spec.train, device)
 
 
+class StreamedImages(Protocol):
+    """Training images streamed to this worker rather than held in its memory."""
+
+    count: int  # of every worker's part together
+
+    def batches(
+        self, epoch: int, batch_size: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This worker's part of the epoch, in an order that changes with the epoch: (uint8 N x H x W x 3 images,
+        their indices in the dataset, their labels), each on `device`, every batch full."""
+        ...
+
+
+def _in_memory_batches(
+    data: torch.Tensor,
+    targets: torch.Tensor | None,
+    epoch: int,
+    seed: int,
+    session: Session,
+    batch_size: int,
+    steps: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """This worker's shard of the epoch's permutation of the images on the device, shared by every worker."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    shard = order[session.rank :: session.world_size].to(data.device)
+    for i in range(steps):
+        batch = shard[i * batch_size : (i + 1) * batch_size]
+        yield data[batch], batch, None if targets is None else targets[batch]
+
+
 def train_loop(
-    images: np.ndarray,
+    images: np.ndarray | StreamedImages,
     spec: PretrainSpec,
     session: Session,
-    monitor: KnnMonitor | None = None,
+    monitor: Monitor | None = None,
     labels: np.ndarray | None = None,
 ) -> dict:
-    """Pretrain on uint8 N x H x W x 3 images; returns the final checkpoint (the last one reported).
+    """Pretrain on uint8 N x H x W x 3 images (or streamed ones); returns the final checkpoint (the last one
+    reported).
 
-    With a `monitor`, rank 0 measures its kNN accuracy every `train.monitor_every` epochs and at the last one.
+    With a `monitor`, rank 0 measures RankMe (and kNN accuracy, with labels) every `train.monitor_every` epochs
+    and at the last one.
     `labels` (of the images, in order; None for unlabelled images) reach the step only when the spec trains on
     them (`spec.uses_labels`): this is the one place that decides, so callers hand over what they have.
     """
@@ -171,13 +205,15 @@ def train_loop(
             f"method {spec.method.name} with train.label_loss_weight={train.label_loss_weight} trains on labels, "
             "but none were given"
         )
+    streamed = not isinstance(images, np.ndarray)
+    count = images.count if streamed else len(images)
     local_batch = train.batch_size // session.world_size
-    steps_per_epoch = len(images) // session.world_size // local_batch
+    steps_per_epoch = count // session.world_size // local_batch
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"params.yaml: train.batch_size={train.batch_size} exceeds the {len(images)} training images; lower it"
+            f"params.yaml: train.batch_size={train.batch_size} exceeds the {count} training images; lower it"
         )
-    method = build_model(spec, num_images=len(images)).to(device)
+    method = build_model(spec, num_images=count).to(device)
     peak_lr = learning_rate(train, spec.method)
     optimizer = build_optimizer(method, train, peak_lr)
     state = session.latest_checkpoint()
@@ -208,8 +244,8 @@ def train_loop(
         model = DistributedDataParallel(method)
     views = method_views(spec.method, spec.views, spec.image_size)
     step = TrainStep(model, optimizer, views, train, device, method=method)
-    data = torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
-    targets = torch.tensor(labels, dtype=torch.long, device=device) if spec.uses_labels else None
+    data = None if streamed else torch.tensor(images, device=device)  # the whole uint8 dataset stays on the device
+    targets = torch.tensor(labels, dtype=torch.long, device=device) if spec.uses_labels and not streamed else None
     with_indices = method_class(spec.method).uses_indices
     advice = method_class(spec.method).advice
     low_std_epochs = 0  # consecutive epochs whose embeddings looked collapsed
@@ -217,19 +253,22 @@ def train_loop(
     total_steps, warmup_steps = train.epochs * steps_per_epoch, train.warmup_epochs * steps_per_epoch
     for epoch in range(start_epoch, train.epochs):
         method.train()
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
-        shard = order[session.rank :: session.world_size].to(device)
+        if streamed:
+            batches = images.batches(epoch, local_batch, device)
+        else:
+            batches = _in_memory_batches(data, targets, epoch, train.seed, session, local_batch, steps_per_epoch)
         generator = view_generator(train.seed, epoch, session.rank, device)
         started, sums = time.perf_counter(), torch.zeros(2, device=device)  # loss, embedding std
-        for i in range(steps_per_epoch):
+        for i, (batch, indices, batch_labels) in enumerate(batches):
+            if i >= steps_per_epoch:  # a stream's epoch is read to its end, every worker's the same number of steps
+                continue
             progress = TrainingProgress(epoch * steps_per_epoch + i, total_steps, steps_per_epoch)
             lr = warmup_cosine(progress.step, total_steps, warmup_steps, peak_lr)
             set_lr(optimizer, lr)
-            batch = shard[i * local_batch : (i + 1) * local_batch]
-            inputs = {} if targets is None else {"labels": targets[batch]}
+            inputs = {"labels": batch_labels} if spec.uses_labels else {}
             if with_indices:  # each image's index is its class (Exemplar-CNN)
-                inputs["indices"] = batch
-            loss, embeddings = step(data[batch], generator, progress, **inputs)
+                inputs["indices"] = indices
+            loss, embeddings = step(batch, generator, progress, **inputs)
             sums[0] += loss
             sums[1] += embedding_std(embeddings)
         if session.world_size > 1:  # every rank sees the global means, so all stop together
@@ -265,8 +304,11 @@ def train_loop(
         watched = ""
         if monitor is not None and session.rank == 0 and train.monitor_every:
             if (epoch + 1) % train.monitor_every == 0 or last:
-                metrics.update({k: round(v, 4) for k, v in monitor.measure(method.encoder, data).items()})
-                watched = f"  val kNN {metrics['monitor_knn_top1']:.1%}"
+                measured = monitor.measure(method.encoder, device, data)
+                metrics.update({k: round(v, 4) for k, v in measured.items()})
+                watched = f"  RankMe {metrics['monitor_rankme']:.1f}"
+                if "monitor_knn_top1" in metrics:
+                    watched += f"  val kNN {metrics['monitor_knn_top1']:.1%}"
                 if "monitor_linear_top1" in metrics:
                     watched += f"  val linear {metrics['monitor_linear_top1']:.1%}"
         history.append(metrics)

@@ -20,10 +20,11 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from selfsup.config import ScalingConfig
+from selfsup.data.shards import Shards
 from selfsup.errors import ConfigError, RayClusterError, SelfsupError, WorkerError, WorkerLostError
 from selfsup.reachability import unreachable
 from selfsup.train.loop import CHECKPOINT_FILE, PretrainSpec, load_checkpoint, train_loop
-from selfsup.train.monitor import KnnMonitor
+from selfsup.train.monitor import Monitor
 
 # Quiet defaults for the processes Ray starts from here; a user's own settings win.
 QUIET_RAY = {
@@ -33,6 +34,7 @@ QUIET_RAY = {
     # The controller polls its workers this often (Ray's default: 2 s), and each `report` and the end of
     # `fit()` wait for that poll: 0.2 s (what Ray's own tests use) saves seconds per run for a few tiny tasks.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_DATA_LOG_LEVEL": "WARNING",  # streaming: Ray Data's line per pass would interleave with the epochs'
 }
 
 
@@ -142,6 +144,60 @@ def check_resources(scaling: ScalingConfig) -> None:
             )
 
 
+# Streaming: the CPUs left to Ray Data's reading and decoding. Ray Train reserves its workers' CPUs first, and with
+# none left Ray Data cannot run a task and `fit()` waits forever without an error.
+DECODE_CPUS = 1.0
+MIN_WORKER_CPUS = 0.25
+SHUFFLE_BUFFER_BATCHES = 4  # each worker's local shuffle buffer, in batches
+
+
+def worker_cpus(scaling: ScalingConfig, streamed: bool) -> float:
+    """The CPUs each Ray Train worker reserves: scaling.cpus_per_worker, or, when streaming, at most what leaves
+    DECODE_CPUS of the cluster to Ray Data (the worker still runs scaling.cpus_per_worker threads)."""
+    if not streamed:
+        return scaling.cpus_per_worker
+    cluster = ray.cluster_resources().get("CPU", 0)
+    per_worker = min(scaling.cpus_per_worker, (cluster - DECODE_CPUS) / scaling.num_workers)
+    if per_worker < MIN_WORKER_CPUS:
+        raise ConfigError(
+            f"params.yaml: streaming needs {DECODE_CPUS:g} CPU for Ray Data's decoding beside scaling.num_workers="
+            f"{scaling.num_workers} worker(s) of at least {MIN_WORKER_CPUS:g} CPU, and the Ray cluster has "
+            f"{cluster:g}: use fewer workers, or data.streaming: false"
+        )
+    if per_worker < scaling.cpus_per_worker:
+        print(
+            f"streaming: each worker reserves {per_worker:g} of the cluster's {cluster:g} CPUs (scaling."
+            f"cpus_per_worker={scaling.cpus_per_worker:g}), leaving {cluster - per_worker * scaling.num_workers:g} "
+            "to Ray Data",
+            flush=True,
+        )
+    return per_worker
+
+
+class RayStreamedImages:
+    """A Ray Train worker's part of the streamed dataset (`ray.train.get_dataset_shard`): across the workers every
+    image once per epoch (Ray Train splits each pass equally), shards in a new order each epoch, then shuffled in a
+    local buffer seeded by the epoch."""
+
+    def __init__(self, count: int, seed: int, dataset: str = "train"):
+        self.count = count
+        self._shard = ray.train.get_dataset_shard(dataset)
+        self._seed = seed
+
+    def batches(self, epoch: int, batch_size: int, device):
+        import torch
+
+        for batch in self._shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            device=device,
+            dtypes={"image": torch.uint8, "index": torch.int64, "label": torch.int64},
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+            local_shuffle_seed=self._seed * 100_003 + epoch,
+        ):
+            yield batch["image"], batch["index"], batch["label"]
+
+
 class CheckpointsThroughRay:
     """The loop's checkpoints through a Ray API that has `report`, `get_checkpoint` and `Checkpoint`: Ray Train's
     for a pretraining worker, Ray Tune's for a trial."""
@@ -200,7 +256,11 @@ def _ray_worker(config: dict) -> SelfsupError | None:
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     try:
         labels = None if config["labels"] is None else ray.get(config["labels"])
-        train_loop(ray.get(config["images"]), config["spec"], RaySession(config["use_gpu"]), config["monitor"], labels)
+        if config["images"] is None:  # streamed: the dataset passed to the trainer
+            images = RayStreamedImages(config["streamed_count"], config["spec"].train.seed)
+        else:
+            images = ray.get(config["images"])
+        train_loop(images, config["spec"], RaySession(config["use_gpu"]), config["monitor"], labels)
     except SelfsupError as error:
         # Returned: a NaN loss or a collapse is one line, not a worker's traceback. Every rank meets it at the same
         # epoch (the loss is all-reduced), so no rank waits for another. Anything else is raised: Ray stops every
@@ -209,27 +269,40 @@ def _ray_worker(config: dict) -> SelfsupError | None:
 
 
 def pretrain_with_ray(
-    images: np.ndarray,
+    images: np.ndarray | Shards,
     spec: PretrainSpec,
     scaling: ScalingConfig,
     storage_path: str | Path,
     run_name: str,
-    monitor: KnnMonitor | None = None,
+    monitor: Monitor | None = None,
     labels: np.ndarray | None = None,
 ) -> dict:
-    """Train on a Ray cluster and return the final checkpoint (method and optimiser state, history). `labels`
-    (None for unlabelled images) go to `train_loop`, which alone decides whether the spec trains on them.
+    """Train on a Ray cluster and return the final checkpoint (method and optimiser state, history). `images` are
+    uint8 arrays every worker holds, or shards that Ray Data streams to them. `labels` (None for unlabelled images)
+    go to `train_loop`, which alone decides whether the spec trains on them.
 
     A lost worker (its process killed, its node gone) is restarted from the latest checkpoint, up to
     `scaling.max_failures` times; an error raised by the code (a bug, out of memory) is not: a restart would only
     repeat it. Both end in one line that says which checkpoint is kept."""
     connect_ray(scaling.dashboard)
     check_resources(scaling)
-    resources = {"CPU": scaling.cpus_per_worker}
+    streamed = isinstance(images, Shards)
+    resources = {"CPU": worker_cpus(scaling, streamed)}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
+    datasets = {}
+    if streamed:
+        import warnings
+
+        from selfsup.data.shards import read_streamed
+
+        datasets["train"] = read_streamed(images.uri, images.files, spec.train.seed, spec.image_size)
+        # Ray Train's own default DataConfig sets an option Ray Data deprecates: nothing a user can change.
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*", category=DeprecationWarning)
     config = {
-        "images": ray.put(images),  # through the object store: works on a multi-node cluster too
+        # In memory: through the object store, which works on a multi-node cluster too. Streamed: Ray Data's.
+        "images": None if streamed else ray.put(images),
+        "streamed_count": images.count if streamed else 0,
         "labels": None if labels is None else ray.put(labels),
         "spec": spec,
         "monitor": monitor,
@@ -241,6 +314,7 @@ def pretrain_with_ray(
         _ray_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        datasets=datasets,
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),

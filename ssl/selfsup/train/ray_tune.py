@@ -37,7 +37,7 @@ from selfsup.sweep import (
     trial_params,
 )
 from selfsup.train.loop import PretrainSpec, train_loop
-from selfsup.train.monitor import KnnMonitor
+from selfsup.train.monitor import Monitor
 from selfsup.train.ray_trainer import CheckpointsThroughRay, connect_ray, quiet_ray_train_worker
 
 TUNE_SETTINGS = {
@@ -49,7 +49,16 @@ TUNE_SETTINGS = {
 }
 
 # Per epoch, to each trial's MLflow run.
-CURVES = ("loss", "lr", "images_per_s", "embedding_std", "effective_rank", "monitor_knn_top1", "monitor_linear_top1")
+CURVES = (
+    "loss",
+    "lr",
+    "images_per_s",
+    "embedding_std",
+    "effective_rank",
+    "monitor_knn_top1",
+    "monitor_linear_top1",
+    "monitor_rankme",
+)
 
 
 class TuneSession(CheckpointsThroughRay):
@@ -86,7 +95,15 @@ class TuneSession(CheckpointsThroughRay):
         super().report({**metrics, **extra}, checkpoint)
 
 
-def _trial(sampled: dict[str, Any], *, base: dict, manifest: Manifest, images: np.ndarray, monitor: KnnMonitor):
+def _trial(
+    sampled: dict[str, Any],
+    *,
+    base: dict,
+    manifest: Manifest,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    monitor: Monitor,
+):
     """One trial, in its own Ray worker process: the pipeline's params with the sampled values, the one loop."""
     import logging
 
@@ -101,9 +118,9 @@ def _trial(sampled: dict[str, Any], *, base: dict, manifest: Manifest, images: n
     torch.set_num_threads(max(1, int(cpus)))
     device = torch.device("cuda" if params.tune.gpus_per_trial and torch.cuda.is_available() else "cpu")
     if params.tune.metric == PROBED:  # the trial's own eval.linear, which the sweep may have sampled
-        monitor = dataclasses.replace(monitor, linear=params.eval.linear)
+        monitor = dataclasses.replace(monitor, probe=dataclasses.replace(monitor.probe, linear=params.eval.linear))
     spec = PretrainSpec.from_params(params, manifest)
-    train_loop(images, spec, TuneSession(device), monitor, monitor.train_labels)
+    train_loop(images, spec, TuneSession(device), monitor, labels)
 
 
 def search_space(config: TuneConfig) -> dict[str, Any]:
@@ -233,7 +250,8 @@ def run_sweep(
     params: Params,
     manifest: Manifest,
     images: np.ndarray,
-    monitor: KnnMonitor,
+    labels: np.ndarray | None,
+    monitor: Monitor,
     storage_path: str,
     callbacks: list[tune.Callback],
     resume: bool = False,
@@ -246,7 +264,12 @@ def run_sweep(
     _check_trial_fits(config)
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trial, base=params.model_dump(mode="json"), manifest=manifest, images=images, monitor=monitor
+            _trial,
+            base=params.model_dump(mode="json"),
+            manifest=manifest,
+            images=images,
+            labels=labels,
+            monitor=monitor,
         ),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )

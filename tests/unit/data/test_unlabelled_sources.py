@@ -123,11 +123,15 @@ def test_a_corrupt_image_among_good_ones_is_skipped_and_named(tmp_path: Path, ca
 def test_params_refuse_a_list_for_other_sources_and_an_unlabelled_transfer_target() -> None:
     with pytest.raises(ConfigError, match="data.root is a list, which only data.source=folder reads"):
         load_params({"data": {"source": "imagefolder", "root": ["a", "b"]}})
-    with pytest.raises(ConfigError, match="eval.transfer.source=folder has no labels"):
+    with pytest.raises(
+        ConfigError, match="eval.transfer.source=.folder. is invalid: folder has no labels, which eval.transfer"
+    ):
         load_params({"eval": {"transfer": {"source": "folder", "root": "x"}}})
     unlabelled = {"data": {"source": "folder", "root": ["a", "b"]}}
     with pytest.raises(
-        ConfigError, match="champion_metric=knn_k20_top1 needs labels, .* set mlflow.champion_metric: rankme"
+        ConfigError,
+        match="champion_metric=knn_k20_top1 needs labelled evaluation data: data.source=folder has no labels and "
+        "eval.data is not set; set eval.data to a labelled dataset, or mlflow.champion_metric: rankme",
     ):
         load_params(unlabelled)
     assert load_params({**unlabelled, "mlflow": {"champion_metric": "rankme"}}).data.root == ["a", "b"]

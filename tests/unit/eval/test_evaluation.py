@@ -17,7 +17,7 @@ from selfsup.eval.semisup import fine_tune, label_subset
 from selfsup.models import Encoder
 from selfsup.params import Params, load_params
 from selfsup.train.loop import LocalSession, PretrainSpec, train_loop
-from selfsup.train.monitor import KnnMonitor
+from selfsup.train.monitor import LabelledProbe, Monitor
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +91,13 @@ def test_the_monitor_watches_without_changing_training(digits):
     images = train.images[:512]
     # With a linear probe too (a sweep's monitor_linear_top1): its weights' random init must not shift training.
     linear = LinearConfig(epochs=5)
-    monitor = KnnMonitor(train.labels[:512], val.images, val.labels, k=20, linear=linear)
+    monitor = Monitor(val.images, LabelledProbe(train.labels[:512], val.images, val.labels, k=20, linear=linear))
     watched = train_loop(images, spec, LocalSession(), monitor)
     unwatched = train_loop(images, spec, LocalSession())
     assert [("monitor_knn_top1" in row) for row in watched["history"]] == [False, True, True]  # epoch 2, and the last
     assert all(0.1 < row["monitor_knn_top1"] <= 1 for row in watched["history"][1:])
     assert all(0.1 < row["monitor_linear_top1"] <= 1 for row in watched["history"][1:])
+    assert all(1 < row["monitor_rankme"] <= 32 for row in watched["history"][1:])  # of 32-d features (width 0.25)
     assert not any("monitor_knn_top1" in row for row in unwatched["history"])
     for key, value in unwatched["method"].items():  # the monitor's eval-mode passes leave no trace
         assert torch.equal(watched["method"][key], value), key

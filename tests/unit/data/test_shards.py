@@ -1,0 +1,95 @@
+"""Training images as Parquet shards (selfsup.data.shards): what prepare writes for a dataset past the memory
+budget, and the checks made before Ray starts. The streaming itself runs in tests/e2e/test_streaming.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from selfsup.config import DataConfig
+from selfsup.data.arrays import Manifest, load_split
+from selfsup.data.shards import ShardWriter, check_shards, decode_batch, read_shard
+from selfsup.data.sources import UNLABELLED, prepare_dataset, streams
+from selfsup.errors import ConfigError, DatasetError
+from selfsup.params import load_params
+from tests.unit.data.test_unlabelled_sources import make_tree
+
+
+def test_shards_hold_the_images_as_jpegs_numbered_in_order(tmp_path: Path) -> None:
+    writer = ShardWriter(str(tmp_path / "shards"), images_per_shard=4)
+    levels = [10 * i for i in range(10)]
+    for level in levels:
+        writer.add(np.full((8, 8, 3), level, np.uint8))
+    writer.close()
+    assert writer.files == ["train-00000.parquet", "train-00001.parquet", "train-00002.parquet"] and writer.count == 10
+    decoded = [next(read_shard({"path": [str(tmp_path / "shards" / name)]})) for name in writer.files]
+    images = np.concatenate([part["image"] for part in decoded])
+    assert np.concatenate([part["index"] for part in decoded]).tolist() == list(range(10))
+    assert (np.concatenate([part["label"] for part in decoded]) == UNLABELLED).all()
+    assert np.abs(images.reshape(10, -1).mean(1) - levels).max() < 1.5  # JPEG at quality 95: a grey level apart
+    mean, std = writer.mean_std(64)
+    assert mean[0] == pytest.approx(np.mean(levels) / 255, abs=1e-6) and std[0] > 0
+
+
+def test_a_row_that_does_not_decode_is_dropped_not_raised(tmp_path: Path) -> None:
+    writer = ShardWriter(str(tmp_path), images_per_shard=3)
+    for level in (0, 100, 200):
+        writer.add(np.full((8, 8, 3), level, np.uint8))
+    writer.close()
+    table = pq.read_table(tmp_path / writer.files[0]).to_pydict()
+    batch = {name: np.array(values, dtype=object if name == "image" else None) for name, values in table.items()}
+    batch["image"][1] = b"\xff\xd8 not a jpeg"
+    decoded = decode_batch(batch)
+    assert decoded["index"].tolist() == [0, 2] and decoded["image"].shape == (2, 8, 8, 3)
+
+
+def test_a_folder_past_the_memory_budget_is_prepared_as_shards_in_a_random_order(tmp_path: Path) -> None:
+    make_tree(tmp_path / "images", [f"{d}/{i}.png" for d in range(3) for i in range(10)], size=12)
+    config = DataConfig(source="folder", root=str(tmp_path / "images"), image_size=8, images_per_shard=10)
+    assert not streams(config, 30)  # 30 images of 8 px: far below 8 GB
+    tiny_budget = config.model_copy(update={"memory_budget_gb": 30 * 8 * 8 * 3 / 2**30 * 0.99})
+    assert streams(tiny_budget, 30)
+    manifest = prepare_dataset(tiny_budget, tmp_path / "prepared")
+    assert manifest.streamed and not manifest.labelled and manifest.image_size == [8, 8]
+    assert manifest.splits["train"]["count"] == 27 and manifest.splits["val"]["count"] == 3
+    uri, files = manifest.shards(tmp_path / "prepared")
+    assert uri == str((tmp_path / "prepared" / "shards").resolve()) and len(files) == 3
+    check_shards(uri, files)  # all there
+    assert load_split(tmp_path / "prepared", "val").images.shape == (3, 8, 8, 3)  # held out, in memory
+    with pytest.raises(DatasetError, match="the train split of .* is streamed from shards"):
+        load_split(tmp_path / "prepared", "train")
+    again = Manifest.read(tmp_path / "prepared")
+    assert again.sha256 == manifest.sha256 and again.streamed
+
+
+def test_unreadable_files_are_skipped_and_counted_and_past_the_threshold_one_line(tmp_path: Path, capsys) -> None:
+    make_tree(tmp_path / "images", [f"{i}.png" for i in range(20)], size=12)
+    (tmp_path / "images" / "5.png").write_bytes(b"\x89PNG broken")
+    config = DataConfig(
+        source="folder", root=str(tmp_path / "images"), image_size=8, streaming=True, max_unreadable_fraction=0.1
+    )
+    manifest = prepare_dataset(config, tmp_path / "prepared")
+    assert manifest.splits["train"]["count"] + manifest.splits["val"]["count"] == 19  # 5.png held out or skipped
+    strict = config.model_copy(update={"max_unreadable_fraction": 0.0})
+    (tmp_path / "images" / "6.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match="image files cannot be read, more than data.max_unreadable_fraction=0.0"):
+        prepare_dataset(strict, tmp_path / "strict")
+
+
+def test_missing_shards_and_bad_streaming_params_are_one_line(tmp_path: Path) -> None:
+    writer = ShardWriter("file://" + str(tmp_path), images_per_shard=1)
+    for _ in range(3):
+        writer.add(np.zeros((8, 8, 3), np.uint8))
+    writer.close()
+    (tmp_path / writer.files[1]).unlink()
+    with pytest.raises(DatasetError, match="1 of the 3 shards are missing at file://.*re-run `dvc repro -f prepare`"):
+        check_shards("file://" + str(tmp_path), writer.files)
+    with pytest.raises(DatasetError, match="cannot write shards to data.shards_uri=nosuch://bucket/x"):
+        ShardWriter("nosuch://bucket/x", images_per_shard=1)
+    with pytest.raises(ConfigError, match="data.streaming: true applies to data.source folder and filelist"):
+        load_params({"data": {"streaming": True}})
+    with pytest.raises(ConfigError, match="data.streaming: true needs data.image_size"):
+        load_params({"data": {"source": "folder", "root": "x", "streaming": True, "image_size": None}})
