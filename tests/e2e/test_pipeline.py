@@ -186,9 +186,9 @@ def unlabelled_folder(folder: Path, count: int = 300) -> Path:
     return folder
 
 
-def test_queued_experiments_two_at_once_land_in_the_projects_registry_two_of_them_unlabelled(pipeline_repo):
+def test_queued_experiments_at_once_land_in_the_projects_registry_two_of_them_unlabelled(pipeline_repo):
     """`dvc exp run --queue` runs each experiment in a temporary copy of the workspace that DVC deletes afterwards;
-    `dvc queue start --jobs 2` runs two at once, each on a private Ray instance of its own. Their MLflow runs and
+    `dvc queue start --jobs 3` runs them at once, each on a private Ray instance of its own. Their MLflow runs and
     registered versions land in the project's one store, loadable once the copies are gone.
 
     One switches the method to Exemplar-CNN (which the stage hands its images' indices, a class per image, and for
@@ -209,7 +209,7 @@ def test_queued_experiments_two_at_once_land_in_the_projects_registry_two_of_the
     experiments = {
         # without train.label_loss_weight's labels the stage would stop with a ConfigError
         "exemplar-small": ["method.name=exemplar", "train.label_loss_weight=0.5", *knobs],
-        "unlabelled": ["data.source=folder", f"data.root={images}", 'eval.data={"source": "digits"}'],
+        "unlabelled": ["data.source=folder", f"data.root={images}", "eval.data={source: digits}"],
         "no-labels": ["data.source=folder", f"data.root={images}", "mlflow.champion_metric=rankme"],
     }
     # The tiny budget with one seed: half the evaluations' time, and the champion's kNN score has no seeds.
@@ -219,7 +219,7 @@ def test_queued_experiments_two_at_once_land_in_the_projects_registry_two_of_the
         flags = [arg for setting in settings for arg in ("-S", setting)]
         queued = run(["dvc", "exp", "run", "--queue", "--name", name, *tiny_flags, *flags], repo, private)
         assert queued.returncode == 0, queued.output
-    assert run(["dvc", "queue", "start", "--jobs", "2"], repo, private).returncode == 0
+    assert run(["dvc", "queue", "start", "--jobs", "3"], repo, private).returncode == 0
     status = wait_for_the_queue(repo, private)
     logs = {name: run(["dvc", "queue", "logs", name], repo, private).output for name in experiments}
     assert status.count("Success") == 3, (status, logs)

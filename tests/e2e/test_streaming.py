@@ -1,5 +1,10 @@
 """Datasets larger than memory: training images written once as Parquet shards and streamed by Ray Data to the
-Ray Train workers (`ray.train.get_dataset_shard`), for real on the shared Ray cluster."""
+Ray Train workers (`ray.train.get_dataset_shard`), for real on the shared Ray cluster.
+
+One script does the Ray work of the module (a Python, Ray and Ray Train start-up is most of each part's cost):
+two workers read shards whose pixels say their index; the Dataset's own passes are read twice from two Datasets
+of the same seed; and a folder of unlabelled digits is prepared into memory and as shards and pretrained both
+ways, each judged on the embedded digits."""
 
 from __future__ import annotations
 
@@ -11,30 +16,34 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, changed_params, run
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-# Shards of 400 images whose pixels say their index, read for three epochs by two workers (each rank writes what
-# it read), then by one worker twice: two Datasets of the same shards and seed.
 SCRIPT = r"""
 import json, sys, tempfile
 from pathlib import Path
 import numpy as np
 import ray, ray.train
 from ray.train.torch import TorchTrainer
-from selfsup.data.shards import ShardWriter, read_streamed
-from selfsup.train.ray_trainer import RayStreamedImages, connect_ray
+from selfsup.config import DataConfig
+from selfsup.data.arrays import load_split
+from selfsup.data.shards import Shards, ShardWriter, read_streamed
+from selfsup.data.sources import prepare_dataset
+from selfsup.params import load_params
+from selfsup.train.loop import PretrainSpec
+from selfsup.train.monitor import LabelledProbe, Monitor
+from selfsup.train.ray_trainer import RayStreamedImages, connect_ray, pretrain_with_ray
 
-folder = tempfile.mkdtemp()
-writer = ShardWriter("file://" + folder, images_per_shard=50)
+folder, photos = Path(tempfile.mkdtemp()), Path(sys.argv[1])
+writer = ShardWriter("file://" + str(folder / "numbered"), images_per_shard=50)
 for i in range(400):  # gray, two 8 x 8 JPEG blocks whose levels (steps of 12) say i
     halves = np.concatenate([np.full((16, 8), i % 20 * 12), np.full((16, 8), i // 20 * 12)], axis=1)
     writer.add(np.repeat(halves[..., None], 3, axis=-1).astype(np.uint8))
 writer.close()
 
-def three_epochs(dataset):
-    images = RayStreamedImages(400, seed=0, dataset=dataset)
+def each_rank(config):
+    images = RayStreamedImages(400, seed=0)
     epochs = []
     for epoch in range(3):
         seen = []
@@ -44,74 +53,76 @@ def three_epochs(dataset):
             assert (levels[:, 0] + 20 * levels[:, 1] == indices).all(), (levels, indices)
             seen += indices.tolist()
         epochs.append(seen)
-    return epochs
-
-def each_rank(config):
     rank = ray.train.get_context().get_world_rank()
-    Path(folder, f"rank{rank}.json").write_text(json.dumps(three_epochs("train")))
-
-def twice(config):
-    return {"train": three_epochs("train"), "again": three_epochs("again")}
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(epochs))
 
 connect_ray()
-def fit(loop, workers, datasets):
-    return TorchTrainer(
-        loop,
-        datasets={name: read_streamed("file://" + folder, writer.files, seed=0, image_size=16) for name in datasets},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
-        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp()),
-    ).fit().return_value
-fit(each_rank, 2, ["train"])
+numbered = lambda: read_streamed("file://" + str(folder / "numbered"), writer.files, seed=0, image_size=16)
+TorchTrainer(
+    each_rank,
+    datasets={"train": numbered()},
+    scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+    run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp()),
+).fit()
 ranks = [json.loads(Path(folder, f"rank{rank}.json").read_text()) for rank in (0, 1)]
-print("RESULT", json.dumps({"ranks": ranks, **fit(twice, 1, ["train", "again"])}))
+passes = lambda dataset: [[int(i) for b in dataset.iter_batches(batch_size=None) for i in b["index"]] for _ in range(3)]
+result = {"ranks": ranks, "passes": passes(numbered()), "again": passes(numbered())}
+
+# The same unlabelled folder in memory and as shards, pretrained alike, watched on the embedded digits.
+digits = folder / "digits"
+prepare_dataset(DataConfig(source="digits"), digits)
+probe = LabelledProbe(load_split(digits, "train").labels, *(lambda v: (v.images, v.labels))(load_split(digits, "val")),
+                      bank_images=load_split(digits, "train").images)
+params = load_params({"data": {"source": "folder", "root": str(photos)}, "mlflow": {"champion_metric": "rankme"},
+                      "train": {"epochs": 3, "batch_size": 64, "warmup_epochs": 0, "monitor_every": 1},
+                      "scaling": {"max_failures": 0}})
+for streaming in (False, True):
+    out = folder / f"prepared-{streaming}"
+    manifest = prepare_dataset(DataConfig(source="folder", root=str(photos), streaming=streaming, images_per_shard=100),
+                               out)
+    spec = PretrainSpec.from_params(params, manifest)
+    held_out = load_split(out, "val").images
+    count = manifest.splits["train"]["count"]
+    images = Shards(*manifest.shards(out), count) if streaming else load_split(out, "train").images
+    monitor = Monitor(held_out, probe)
+    state = pretrain_with_ray(images, spec, params.scaling, folder / "runs", f"run-{streaming}", monitor)
+    result[f"streaming={streaming}"] = {**state["history"][-1], "shards": manifest.splits["train"].get("files")}
+print("RESULT", json.dumps(result))
 """
 
 
-def test_workers_read_disjoint_parts_covering_every_image_once_an_epoch_in_a_new_seeded_order(shared_ray_address):
+@pytest.fixture(scope="module")
+def streamed(shared_ray_address, tmp_path_factory) -> dict:
+    from tests.e2e.test_pipeline import unlabelled_folder
+
+    photos = unlabelled_folder(tmp_path_factory.mktemp("streaming") / "photos", count=600)
     env = {**os.environ, "RAY_ADDRESS": shared_ray_address, "PYTHONPATH": str(ROOT / "ssl")}
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT, str(photos)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    runs = json.loads(result.stdout.split("RESULT ")[1])
-    first, second = runs["ranks"]
+    return json.loads(result.stdout.split("RESULT ")[1])
+
+
+def test_workers_read_disjoint_parts_covering_every_image_once_an_epoch_in_a_new_seeded_order(streamed):
+    first, second = streamed["ranks"]
     for epoch in range(3):  # the two workers' parts: disjoint halves that together are every image, once
         assert len(first[epoch]) == len(second[epoch]) == 200
         assert sorted(first[epoch] + second[epoch]) == list(range(400))
-    one, again = runs["train"], runs["again"]
-    for seen in one:
-        assert sorted(seen) == list(range(400))  # one worker: every image once an epoch
-    assert one[0] != one[1] != one[2]  # a new order each epoch ...
-    assert one == again  # ... the same for the same seed
+    assert first[0] != first[1] != first[2]  # each worker's part comes in a new order each epoch
+    passes, again = streamed["passes"], streamed["again"]
+    for seen in passes:
+        assert sorted(seen) == list(range(400))  # every image once a pass
+    assert passes[0] != passes[1] != passes[2]  # shards in a new order each pass ...
+    assert passes == again  # ... the same orders for the same seed
 
 
-def test_a_streamed_run_learns_as_the_in_memory_run_of_the_same_images(tiny_repo):
-    """The same folder of unlabelled digits, prepared into memory and as shards, pretrained the same way and
-    judged on the embedded digits (eval.data): comparable loss, RankMe and kNN. The shards hold JPEGs (quality
-    95), so the images differ by about a grey level and the numbers are close, not equal."""
-    from tests.e2e.test_pipeline import unlabelled_folder
-
-    repo, env = tiny_repo
-    images = unlabelled_folder(repo.parent / "photos", count=600)
-    measured = {}
-    for streaming in (False, True):
-        params = {
-            "data": {"source": "folder", "root": str(images), "streaming": streaming, "images_per_shard": 100},
-            "eval": {"data": {"source": "digits"}},
-            "train": {"epochs": 3, "batch_size": 64},
-        }
-        stages = [["prepare"], ["prepare", "eval"], ["pretrain"]] if not streaming else [["prepare"], ["pretrain"]]
-        with changed_params(repo, params):
-            for stage in stages:  # the evaluation data once: the same digits for both
-                done = run(["python", "-m", "pipelines." + stage[0], *stage[1:]], repo, env)
-                assert done.returncode == 0, done.output[-3000:]
-        measured[streaming] = json.loads((repo / "metrics" / "pretrain.json").read_text())
-    manifest = json.loads((repo / "data" / "prepared" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["files"] == [f"train-{i:05d}.parquet" for i in range(6)]  # 540 of 600
-    assert not (repo / "data" / "prepared" / "train.npz").exists()
-    in_memory, streamed = measured[False], measured[True]
-    assert streamed["epochs"] == in_memory["epochs"] == 3
-    assert streamed["final_loss"] == pytest.approx(in_memory["final_loss"], rel=0.1), measured
-    assert streamed["rankme"] == pytest.approx(in_memory["rankme"], rel=0.25), measured
-    assert abs(streamed["val_knn_top1"] - in_memory["val_knn_top1"]) < 0.08, measured
-    assert np.isfinite(streamed["final_loss"]) and streamed["val_knn_top1"] > 0.5  # digits: 10 classes
+def test_a_streamed_run_learns_as_the_in_memory_run_of_the_same_images(streamed):
+    """The shards hold JPEGs (quality 95): the images differ by about a grey level, the numbers are close."""
+    in_memory, shards = streamed["streaming=False"], streamed["streaming=True"]
+    assert shards["shards"] == [f"train-{i:05d}.parquet" for i in range(6)] and in_memory["shards"] is None  # 540
+    assert shards["epoch"] == in_memory["epoch"] == 3
+    assert shards["loss"] == pytest.approx(in_memory["loss"], rel=0.1), streamed
+    assert shards["monitor_rankme"] == pytest.approx(in_memory["monitor_rankme"], rel=0.25), streamed
+    assert abs(shards["monitor_knn_top1"] - in_memory["monitor_knn_top1"]) < 0.08, streamed
+    assert np.isfinite(shards["loss"]) and shards["monitor_knn_top1"] > 0.5  # digits: 10 classes
