@@ -31,7 +31,7 @@ from selfsup.data.arrays import load_split
 from selfsup.data.shards import Shards, ShardWriter, read_streamed
 from selfsup.data.sources import prepare_dataset
 from selfsup.params import load_params
-from selfsup.train.loop import PretrainSpec
+from selfsup.train.loop import LocalSession, PretrainSpec, train_loop
 from selfsup.train.monitor import LabelledProbe, Monitor
 from selfsup.train.ray_trainer import RayStreamedImages, connect_ray, pretrain_with_ray
 
@@ -85,7 +85,10 @@ for streaming in (False, True):
     count = manifest.splits["train"]["count"]
     images = Shards(*manifest.shards(out), count) if streaming else load_split(out, "train").images
     monitor = Monitor(held_out, probe)
-    state = pretrain_with_ray(images, spec, params.scaling, folder / "runs", f"run-{streaming}", monitor)
+    if streaming:  # Ray Data's tasks feed a Ray Train worker
+        state = pretrain_with_ray(images, spec, params.scaling, folder / "runs", "streamed", monitor)
+    else:  # the same loop on the arrays, in this process (Ray Train's worker would run just this)
+        state = train_loop(images, spec, LocalSession(), monitor)
     result[f"streaming={streaming}"] = {**state["history"][-1], "shards": manifest.splits["train"].get("files")}
 print("RESULT", json.dumps(result))
 """
