@@ -88,14 +88,8 @@ def write_dataset(folder: str | Path, source: str, splits: dict[str, Split], cla
     mean, std = _channel_mean_std(train)
     manifest = Manifest(source=source, image_size=list(train.shape[1:3]), class_names=class_names, mean=mean, std=std)
     for name, split in splits.items():
-        path = folder / f"{name}.npz"
-        _atomic_write(path, lambda f, s=split: np.savez(f, images=s.images, labels=s.labels))
-        manifest.splits[name] = {"file": path.name, "count": len(split.labels), "sha256": file_sha256(path)}
-    manifest.sha256 = hashlib.sha256(
-        "".join(manifest.splits[n]["sha256"] for n in sorted(manifest.splits)).encode()
-    ).hexdigest()
-    _atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(asdict(manifest), indent=2).encode()))
-    return manifest
+        manifest.splits[name] = _write_split(folder, name, split)
+    return _write_manifest(folder, manifest)
 
 
 def write_streamed_dataset(
@@ -106,14 +100,21 @@ def write_streamed_dataset(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(source=source, image_size=list(val.images.shape[1:3]), class_names=[], mean=mean, std=std)
-    path = folder / "val.npz"
-    _atomic_write(path, lambda f: np.savez(f, images=val.images, labels=val.labels))
-    manifest.splits = {
-        "train": train,
-        "val": {"file": path.name, "count": len(val.labels), "sha256": file_sha256(path)},
-    }
-    manifest.sha256 = hashlib.sha256("".join(manifest.splits[n]["sha256"] for n in sorted(manifest.splits)).encode())
-    manifest.sha256 = manifest.sha256.hexdigest()
+    manifest.splits = {"train": train, "val": _write_split(folder, "val", val)}
+    return _write_manifest(folder, manifest)
+
+
+def _write_split(folder: Path, name: str, split: Split) -> dict:
+    path = folder / f"{name}.npz"
+    _atomic_write(path, lambda f: np.savez(f, images=split.images, labels=split.labels))
+    return {"file": path.name, "count": len(split.labels), "sha256": file_sha256(path)}
+
+
+def _write_manifest(folder: Path, manifest: Manifest) -> Manifest:
+    """The dataset's identity (a hash of its splits' hashes), then the manifest, written last and whole."""
+    manifest.sha256 = hashlib.sha256(
+        "".join(manifest.splits[n]["sha256"] for n in sorted(manifest.splits)).encode()
+    ).hexdigest()
     _atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(asdict(manifest), indent=2).encode()))
     return manifest
 

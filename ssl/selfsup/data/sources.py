@@ -235,22 +235,12 @@ def prepare_streamed(files: list[Path], config: DataConfig, out_dir: str | Path)
     writer = ShardWriter(
         uri if "://" in uri or Path(uri).is_absolute() else str(Path(out_dir) / uri), config.images_per_shard
     )
-    allowed = int(config.max_unreadable_fraction * len(train) + 1e-9)
-    skipped = []
-    for done, index in enumerate(train, start=1):
-        try:
-            image = _decode_image(files[index], config.max_image_pixels)
-        except _Unreadable as error:
-            skipped.append((files[index], str(error)))
-            if len(skipped) > allowed:
-                raise _too_many_unreadable(skipped, done, len(train), config.max_unreadable_fraction, allowed) from None
-            continue
+    limits = config.max_image_pixels, config.max_unreadable_fraction
+    for index, image in _readable_images([files[i] for i in train], *limits):
         writer.add(center_crop_resize(image, config.image_size).permute(1, 2, 0).numpy())
-        if done % 50_000 == 0:
-            print(f"prepare: {done:,} of {len(train):,} training images written as shards", flush=True)
+        if (index + 1) % 50_000 == 0:
+            print(f"prepare: {index + 1:,} of {len(train):,} training images written as shards", flush=True)
     writer.close()
-    if skipped:
-        _warn_skipped(skipped, len(train), config.max_unreadable_fraction, allowed)
     mean, std = writer.mean_std(config.image_size**2)
     shards = {"count": writer.count, "sha256": writer.sha256, "shards": uri, "files": writer.files}
     return write_streamed_dataset(out_dir, config.source, held_out, shards, mean, std)
@@ -346,19 +336,11 @@ def _decode_files(
     files: list[tuple[Path, int]], image_size: int | None, max_image_pixels: int, max_unreadable_fraction: float
 ) -> Split:
     """Decode the files into one preallocated uint8 N x H x W x 3 array (size x size with image_size), skipping
-    unreadable ones while they are at most max_unreadable_fraction of the files: a warning names them, more is
-    a DatasetError, raised at the first one over (no need to decode the rest to know)."""
-    allowed = int(max_unreadable_fraction * len(files) + 1e-9)  # the epsilon: 0.29 * 100 is 28.999...
+    unreadable ones as _readable_images does."""
     images, first = None, None  # allocated at the first good image, whose size it takes without image_size
-    labels, skipped = [], []
-    for index, (path, label) in enumerate(files):
-        try:
-            image = _decode_image(path, max_image_pixels)
-        except _Unreadable as error:
-            skipped.append((path, str(error)))
-            if len(skipped) > allowed:
-                raise _too_many_unreadable(skipped, index + 1, len(files), max_unreadable_fraction, allowed) from None
-            continue
+    labels = []
+    for index, image in _readable_images([path for path, _ in files], max_image_pixels, max_unreadable_fraction):
+        path, label = files[index]
         if image_size:
             image = center_crop_resize(image, image_size)
         if images is None:
@@ -370,12 +352,34 @@ def _decode_files(
             )
         images[len(labels)] = image.permute(1, 2, 0).numpy()
         labels.append(label)
-    if images is None:  # only when max_unreadable_fraction allows every file
-        raise DatasetError(f"none of the {len(files)} image files can be read: {_listing(skipped)}")
-    if skipped:
-        _warn_skipped(skipped, len(files), max_unreadable_fraction, allowed)
+    if images is None:
+        raise DatasetError(f"none of the {len(files)} image files can be read")
     # A view: the rows of skipped files stay allocated, at most max_unreadable_fraction of the array.
     return Split(images[: len(labels)], np.array(labels, dtype=np.int64))
+
+
+def _readable_images(
+    paths: list[Path], max_image_pixels: int, max_unreadable_fraction: float
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index into `paths`, uint8 3 x H x W image) of each file that decodes. Unreadable ones are skipped while
+    they are at most max_unreadable_fraction of the files: a warning names them at the end, more is a
+    DatasetError, raised at the first one over (no need to decode the rest to know)."""
+    allowed = int(max_unreadable_fraction * len(paths) + 1e-9)  # the epsilon: 0.29 * 100 is 28.999...
+    skipped, read = [], 0
+    for index, path in enumerate(paths):
+        try:
+            image = _decode_image(path, max_image_pixels)
+        except _Unreadable as error:
+            skipped.append((path, str(error)))
+            if len(skipped) > allowed:
+                raise _too_many_unreadable(skipped, index + 1, len(paths), max_unreadable_fraction, allowed) from None
+            continue
+        read += 1
+        yield index, image
+    if skipped and not read:  # only when max_unreadable_fraction allows every file
+        raise DatasetError(f"none of the {len(paths)} image files can be read: {_listing(skipped)}")
+    if skipped:
+        _warn_skipped(skipped, len(paths), max_unreadable_fraction, allowed)
 
 
 def _too_many_unreadable(

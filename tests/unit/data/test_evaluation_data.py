@@ -17,7 +17,7 @@ from selfsup.data.arrays import Manifest, load_split
 from selfsup.data.sources import UNLABELLED, prepare_dataset
 from selfsup.errors import ConfigError
 from selfsup.params import load_params
-from tests.conftest import copy_repo, stage_env
+from tests.conftest import copy_repo, run, stage_env
 from tests.unit.data.test_unlabelled_sources import make_tree
 
 
@@ -80,14 +80,7 @@ def test_bad_evaluation_data_is_one_line_before_any_compute() -> None:
 
 
 def prepare(repo: Path, tmp_path: Path, *stage: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.prepare", *stage],
-        cwd=repo,
-        env=stage_env(tmp_path, repo),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run([sys.executable, "-m", "pipelines.prepare", *stage], repo, stage_env(tmp_path, repo), timeout=120)
 
 
 def test_an_unlabelled_folder_is_evaluated_on_a_labelled_dataset_of_its_own(tmp_path, monkeypatch) -> None:
