@@ -124,6 +124,9 @@ class ModelConfig(_Section):
     backbone: str = "small_cnn"  # one of selfsup.models.BACKBONE_BUILDERS, checked by selfsup.params
     width: float = Field(default=1.0, gt=0, le=8)  # channel multiplier of small_cnn and the ResNets
     zero_init_residual: bool = False  # zero each residual block's last BN scale (ResNets, RegNets)
+    # cifar: a stride-1 3x3 conv and no max-pool, for 16-64 px; imagenet: torchvision's own (a stride-2 7x7 conv and a
+    # max-pool for ResNets: a quarter of the resolution, 1/16 of the compute after it; a stride-2 3x3 for RegNets)
+    stem: Literal["cifar", "imagenet"] = "cifar"
     patch_size: int = Field(default=4, ge=1)  # ViT patch side: 4 at 32x32 gives 64 tokens
 
 

@@ -39,9 +39,10 @@ def zero_init_residual_branches(model: nn.Module) -> None:
 
 
 class CifarResNet(nn.Module):
-    """torchvision's ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool), no fc, and a channel width
-    multiplier. torchvision's ResNet hard-codes 64 stem channels, so this rebuilds its trunk from the same
-    blocks with the same stage builder (`ResNet._make_layer`) and the same initialisation."""
+    """torchvision's ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool) or its own ImageNet stem (7x7
+    conv, stride 2, max-pool), no fc, and a channel width multiplier. torchvision's ResNet hard-codes 64 stem
+    channels, so this rebuilds its trunk from the same blocks with the same stage builder (`ResNet._make_layer`)
+    and the same initialisation."""
 
     # torchvision's stage builder; it reads inplanes, dilation, groups, base_width and _norm_layer from self.
     _make_layer = ResNet._make_layer
@@ -52,16 +53,17 @@ class CifarResNet(nn.Module):
         blocks_per_stage: list[int],
         width: float = 1.0,
         zero_init_residual: bool = False,
+        stem: str = "cifar",
     ):
         super().__init__()
         planes = [max(8, round(c * width)) for c in (64, 128, 256, 512)]
         self._norm_layer = nn.BatchNorm2d
         self.inplanes, self.dilation, self.groups, self.base_width = planes[0], 1, 1, 64
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, planes[0], kernel_size=3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(planes[0]),
-            nn.ReLU(inplace=True),
-        )
+        if stem == "imagenet":
+            conv, pool = nn.Conv2d(3, planes[0], 7, stride=2, padding=3, bias=False), [nn.MaxPool2d(3, 2, 1)]
+        else:
+            conv, pool = nn.Conv2d(3, planes[0], kernel_size=3, stride=1, padding=1, bias=False), []
+        self.stem = nn.Sequential(conv, nn.BatchNorm2d(planes[0]), nn.ReLU(inplace=True), *pool)
         self.layer1 = self._make_layer(block, planes[0], blocks_per_stage[0])
         self.layer2 = self._make_layer(block, planes[1], blocks_per_stage[1], stride=2)
         self.layer3 = self._make_layer(block, planes[2], blocks_per_stage[2], stride=2)
@@ -146,11 +148,12 @@ class CifarRegNet(RegNet):
 
 
 def cifar_regnet(build_torchvision_regnet: Callable[..., nn.Module], config: ModelConfig) -> nn.Module:
-    """A torchvision RegNet (untrained) with the CIFAR stem and no fc: returns its pooled trunk features."""
+    """A torchvision RegNet (untrained) with the CIFAR stem (or its own) and no fc: returns its pooled trunk
+    features."""
     model = build_torchvision_regnet(weights=None)
     model.__class__ = CifarRegNet  # torchvision's builders pick the block widths; only a method is added
-    # The stem's 3x3 conv at stride 1, so 32 px images keep their resolution into the first stage.
-    model.stem[0].stride = (1, 1)
+    if config.stem == "cifar":  # the stem's 3x3 conv at stride 1, so 32 px images keep their resolution
+        model.stem[0].stride = (1, 1)
     model.out_dim = model.fc.in_features
     model.fc = nn.Identity()
     if config.zero_init_residual:
@@ -162,7 +165,9 @@ Builder = Callable[[ModelConfig, int], nn.Module]  # (model config, image side i
 
 
 def _resnet(block: type[BasicBlock | Bottleneck], blocks_per_stage: list[int]) -> Builder:
-    return lambda config, image_size: CifarResNet(block, blocks_per_stage, config.width, config.zero_init_residual)
+    return lambda config, image_size: CifarResNet(
+        block, blocks_per_stage, config.width, config.zero_init_residual, config.stem
+    )
 
 
 def _vit(hidden_dim: int, num_layers: int, num_heads: int, mlp_dim: int) -> Builder:

@@ -179,3 +179,28 @@ def test_every_backbone_shows_its_last_map_whose_average_is_its_features(name):
         assert feature_map.shape[2:] == (4, 4)  # 16 px in patches of 4
     else:
         torch.testing.assert_close(feature_map.mean((2, 3)), features, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "reduction"), [("resnet18", 4), ("regnet_y_400mf", 2)])
+def test_the_imagenet_stem_is_torchvisions_own_and_reduces_the_resolution_as_it(name, reduction):
+    """The ImageNet recipe's ResNet stem at 224 px reaches the first stage at 56 px, as torchvision's does (its
+    RegNets' stem: stride 2); the CIFAR stem keeps 32 px whole. The trunk after it is the same."""
+    x = torch.rand(1, 3, 64, 64)
+    maps = {}
+    for stem in ("cifar", "imagenet"):
+        torch.manual_seed(0)
+        backbone = build_backbone(ModelConfig(backbone=name, width=0.25, stem=stem), image_size=64).eval()
+        with torch.no_grad():
+            maps[stem] = backbone.feature_map(x)
+    assert maps["cifar"].shape[1] == maps["imagenet"].shape[1]
+    assert maps["cifar"].shape[2] == reduction * maps["imagenet"].shape[2]
+    if name == "resnet18":
+        stem = build_backbone(ModelConfig(backbone=name, stem="imagenet")).stem
+        reference = resnet18()
+        assert [type(m) for m in stem] == [
+            type(reference.conv1),
+            type(reference.bn1),
+            type(reference.relu),
+            type(reference.maxpool),
+        ]
+        assert (stem[0].kernel_size, stem[0].stride, stem[3].stride) == ((7, 7), (2, 2), 2)

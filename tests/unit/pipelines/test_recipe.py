@@ -1,4 +1,5 @@
-"""Every shipped recipe prints flags that params.yaml accepts, for every method it names."""
+"""Every shipped recipe gives values that params.yaml accepts, for every method it names; the command prints them
+as `dvc exp run` flags."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from pipelines.recipe import RECIPES
+from pipelines.recipe import RECIPES, apply, recipe_overrides
+from selfsup.params import load_params
 from tests.conftest import ROOT
 
 RECIPE_METHODS = [
@@ -21,23 +23,29 @@ RECIPE_METHODS = [
 
 @pytest.mark.parametrize(("recipe", "method"), RECIPE_METHODS)
 def test_every_recipe_is_valid_params(recipe, method):
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.recipe", recipe, method],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"-S method.name={method}" in result.stdout
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shipped["data"]["root"] = "ROOT"  # the user passes data.root after the recipe
+    params = load_params(apply(shipped, recipe_overrides(recipe, method)))
+    assert params.method.name == method
 
 
-def test_a_recipe_that_does_not_exist_is_named():
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.recipe", "imagenet", "simclr"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert result.returncode == 2 and "no recipe 'imagenet'" in result.stderr and "known: cifar10" in result.stderr
+def test_the_stl10_and_imagenet_recipes_pretrain_as_the_papers_do():
+    stl10 = load_params(apply({"data": {"root": "ROOT"}}, recipe_overrides("stl10", "simclr")))
+    assert (stl10.data.stl10_split, stl10.data.image_size, stl10.model.stem) == ("train+unlabeled", 96, "imagenet")
+    imagenet = load_params(apply({"data": {"root": "ROOT"}}, recipe_overrides("imagenet", "dino")))
+    assert (imagenet.data.source, imagenet.data.streaming, imagenet.data.image_size) == ("folder", True, 224)
+    assert (imagenet.model.backbone, imagenet.model.stem) == ("resnet50", "imagenet")
+    dino = imagenet.method.dino
+    assert dino.local_crops == 6 and round(dino.local_size * 224) == 96  # 2 x 224 + 6 x 96 px
+
+
+def test_the_command_prints_the_flags_and_names_a_recipe_that_does_not_exist():
+    def recipe(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "pipelines.recipe", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+    printed = recipe("cifar10", "byol")
+    assert printed.returncode == 0, printed.stderr
+    assert "-S method.name=byol" in printed.stdout and "-S data.image_size=32" in printed.stdout
+    missing = recipe("nosuch", "simclr")
+    assert missing.returncode == 2 and "no recipe 'nosuch'" in missing.stderr and "known: cifar10" in missing.stderr
