@@ -76,7 +76,9 @@ def main() -> None:
     size = sum(p.stat().st_size for p in (folder / "shards").iterdir())
     print(f"wrote {len(writer.files)} shards, {size / 2**20:.1f} MiB, in {time.perf_counter() - started:.0f} s")
 
-    from selfsup.train.ray_trainer import pretrain_with_ray
+    from selfsup.train.ray_trainer import connect_ray, pretrain_with_ray
+
+    connect_ray(streaming=True)  # one Ray instance for both runs, with what the streamed run needs
 
     raw = {
         "method": {"name": args.method},
@@ -84,7 +86,7 @@ def main() -> None:
         "scaling": {"max_failures": 0},
     }
     params = load_params(raw)
-    mean, std = writer.mean_std(images.shape[1] * images.shape[2])
+    mean, std = writer.mean_std()
     spec = PretrainSpec(params.model, params.method, params.views, params.train, mean, std, images.shape[1])
     results = {}
     for name, data in (("in memory", images), ("streamed", Shards(str(folder / "shards"), writer.files, len(images)))):

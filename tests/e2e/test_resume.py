@@ -2,6 +2,10 @@
 the worker and the run goes on; with no restarts left, the stage stops with one line and the next run resumes
 and completes. (A killed driver leaves the same checkpoint behind: the next run's resume is the same code.)
 
+The images are streamed (a folder of unlabelled images written as shards that Ray Data reads): the restarted
+worker takes its part of the stream again, from the epoch after the checkpoint. Images in memory resume through
+the same loop (tests/unit/train/test_loop.py checks that resumed run bit for bit).
+
 One test covers both, since each start of the stage and each kill cost seconds: the worker is killed once
 (restarted, scaling.max_failures=1), then again (restarts run out), then the stage is run once more."""
 
@@ -56,9 +60,22 @@ def _kill_a_new_worker_after_its_first_checkpoint(
 
 
 def test_a_killed_worker_is_restarted_and_when_restarts_run_out_the_next_run_resumes(tiny_repo):
+    from tests.e2e.test_pipeline import unlabelled_folder
+
     repo, env = tiny_repo
-    update_params(repo, {"train": {"epochs": 8, "checkpoint_every": 1}, "scaling": {"max_failures": 1}})
+    photos = unlabelled_folder(repo.parent / "photos", count=600)
+    streamed = {"source": "folder", "root": str(photos), "streaming": True, "images_per_shard": 100}
+    update_params(
+        repo,
+        {
+            "data": streamed,
+            "train": {"epochs": 8, "checkpoint_every": 1},
+            "scaling": {"max_failures": 1},
+            "mlflow": {"champion_metric": "rankme"},  # no labels: the monitor measures RankMe alone
+        },
+    )
     assert run(["dvc", "repro", "prepare"], repo, env).returncode == 0
+    assert len(json.loads((repo / "data" / "prepared" / "manifest.json").read_text())["splits"]["train"]["files"]) == 6
     for folder in (repo / "checkpoints").glob("*/"):  # an earlier test's, of the same params
         subprocess.run(["rm", "-rf", str(folder)], check=True)
     other = repo / "checkpoints" / "simclr-0123456789ab" / "checkpoint_000000"  # another configuration's

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from selfsup.data.arrays import ChannelMoments
 from selfsup.errors import DatasetError
 
 
@@ -42,7 +43,7 @@ class ShardWriter:
     files: list[str] = field(default_factory=list)
     count: int = 0
     _rows: list[bytes] = field(default_factory=list)
-    _sums: np.ndarray = field(default_factory=lambda: np.zeros(2 * 3))  # per-channel sums and sums of squares
+    _moments: ChannelMoments = field(default_factory=ChannelMoments)
     _digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
     def __post_init__(self) -> None:
@@ -56,8 +57,7 @@ class ShardWriter:
 
     def add(self, image: np.ndarray) -> None:
         """One uint8 H x W x 3 image."""
-        pixels = image.reshape(-1, 3).astype(np.float64) / 255.0
-        self._sums += np.concatenate([pixels.sum(0), (pixels**2).sum(0)])
+        self._moments.add(image)
         self._rows.append(encode_jpeg(image))
         if len(self._rows) == self.images_per_shard:
             self._flush()
@@ -87,11 +87,9 @@ class ShardWriter:
         self.count += len(self._rows)
         self._rows = []
 
-    def mean_std(self, pixels_per_image: int) -> tuple[list[float], list[float]]:
-        pixels = self.count * pixels_per_image
-        mean = self._sums[:3] / pixels
-        std = np.sqrt(np.maximum(self._sums[3:] / pixels - mean**2, 0))
-        return mean.round(6).tolist(), std.round(6).tolist()
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """The written images' per-channel mean and std in [0, 1]."""
+        return self._moments.mean_std()
 
     @property
     def sha256(self) -> str:
@@ -175,6 +173,38 @@ def read_streamed(uri: str, files: list[str], seed: int, image_size: int, decode
         num_cpus=decode_cpus,
         fn_kwargs={"rows_per_block": rows_per_block},
     )
+
+
+# Ray Data's scheduling loop (2.60) does not block while it waits for a slower consumer: once its tasks are done, or
+# their output waits unread under backpressure, each step returns at once and the loop spins a whole core. Training
+# streams through such a loop (in Ray Train's SplitCoordinator actor) for as long as the data is ahead of it, which
+# is the goal: on 2 cores it halved the training (850 against 1,800 images/s, docs/streaming.md). A floor on a
+# step's duration turns the spin into a poll of 200 steps a second, plenty for blocks of thousands of images.
+SCHEDULER_STEP_FLOOR_S = 0.005
+# The processes of a streaming run apply it as they start (ray.init's worker_process_setup_hook).
+THROTTLE_HOOK = "selfsup.data.shards.throttle_ray_data_scheduler"
+
+
+def throttle_ray_data_scheduler() -> None:
+    """Give each step of Ray Data's scheduling loop at least SCHEDULER_STEP_FLOOR_S in this process."""
+    import time
+
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    step = getattr(StreamingExecutor, "_scheduling_loop_step", None)
+    if step is None or getattr(step, "throttled", False):  # another Ray version, or done already
+        return
+
+    def throttled_step(self, topology):
+        started = time.perf_counter()
+        go_on = step(self, topology)
+        rest = SCHEDULER_STEP_FLOOR_S - (time.perf_counter() - started)
+        if rest > 0 and go_on:
+            time.sleep(rest)
+        return go_on
+
+    throttled_step.throttled = True
+    StreamingExecutor._scheduling_loop_step = throttled_step
 
 
 # Decoded images leave a task in blocks of about this size: a whole shard of large images would be gigabytes in

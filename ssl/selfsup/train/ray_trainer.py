@@ -20,7 +20,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from selfsup.config import ScalingConfig
-from selfsup.data.shards import Shards
+from selfsup.data.shards import THROTTLE_HOOK, Shards
 from selfsup.errors import ConfigError, RayClusterError, SelfsupError, WorkerError, WorkerLostError
 from selfsup.reachability import unreachable
 from selfsup.train.loop import CHECKPOINT_FILE, PretrainSpec, load_checkpoint, train_loop
@@ -38,26 +38,29 @@ QUIET_RAY = {
 }
 
 
-def connect_ray(dashboard: bool = False) -> None:
+def connect_ray(dashboard: bool = False, streaming: bool = False) -> None:
     """Join the cluster at RAY_ADDRESS if set (failing fast when it is unreachable or refuses us), else start a
     private local instance that never joins another by accident. Environment variables are set here, where Ray
-    starts (its processes inherit them), never at import."""
+    starts (its processes inherit them), never at import. `streaming`: this job's processes throttle Ray Data's
+    scheduling loop as they start (selfsup.data.shards.throttle_ray_data_scheduler; it costs each process the
+    import of Ray Data, half a second, so only streaming runs ask for it)."""
     if ray.is_initialized():
         return
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)
+    runtime_env = {"worker_process_setup_hook": THROTTLE_HOOK} if streaming else None
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         except ConnectionError as error:
             raise RayClusterError(_refused(address, error)) from None
         return
-    start_private_instance(dashboard)
+    start_private_instance(dashboard, runtime_env)
 
 
-def start_private_instance(dashboard: bool = False) -> str:
+def start_private_instance(dashboard: bool = False, runtime_env: dict | None = None) -> str:
     """A local Ray instance of this machine's CPUs that only holders of its token can use, and return the
     dashboard's URL (empty without one).
 
@@ -84,6 +87,7 @@ def start_private_instance(dashboard: bool = False) -> str:
         dashboard_port=port,
         # The cleaner, without a dashboard to ask, warns every few seconds that it cannot; errors still show.
         logging_config=ray.LoggingConfig(log_level="ERROR"),
+        runtime_env=runtime_env,
     )
     return os.environ["RAY_API_SERVER_ADDRESS"] if dashboard else ""
 
@@ -284,9 +288,9 @@ def pretrain_with_ray(
     A lost worker (its process killed, its node gone) is restarted from the latest checkpoint, up to
     `scaling.max_failures` times; an error raised by the code (a bug, out of memory) is not: a restart would only
     repeat it. Both end in one line that says which checkpoint is kept."""
-    connect_ray(scaling.dashboard)
-    check_resources(scaling)
     streamed = isinstance(images, Shards)
+    connect_ray(scaling.dashboard, streaming=streamed)
+    check_resources(scaling)
     resources = {"CPU": worker_cpus(scaling, streamed)}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker

@@ -30,7 +30,7 @@ def test_shards_hold_the_images_as_jpegs_numbered_in_order(tmp_path: Path) -> No
     assert np.concatenate([part["index"] for part in decoded]).tolist() == list(range(10))
     assert (np.concatenate([part["label"] for part in decoded]) == UNLABELLED).all()
     assert np.abs(images.reshape(10, -1).mean(1) - levels).max() < 1.5  # JPEG at quality 95: a grey level apart
-    mean, std = writer.mean_std(64)
+    mean, std = writer.mean_std()
     assert mean[0] == pytest.approx(np.mean(levels) / 255, abs=1e-6) and std[0] > 0
 
 
@@ -93,3 +93,21 @@ def test_missing_shards_and_bad_streaming_params_are_one_line(tmp_path: Path) ->
         load_params({"data": {"streaming": True}})
     with pytest.raises(ConfigError, match="data.streaming: true needs data.image_size"):
         load_params({"data": {"source": "folder", "root": "x", "streaming": True, "image_size": None}})
+
+
+def test_ray_datas_scheduling_loop_polls_instead_of_spinning(monkeypatch) -> None:
+    """A step that returns at once (nothing to wait for) is padded to SCHEDULER_STEP_FLOOR_S; once only."""
+    import time
+
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    from selfsup.data.shards import SCHEDULER_STEP_FLOOR_S, throttle_ray_data_scheduler
+
+    steps = []
+    monkeypatch.setattr(StreamingExecutor, "_scheduling_loop_step", lambda self, topology: steps.append(1) or True)
+    throttle_ray_data_scheduler()
+    throttle_ray_data_scheduler()  # a second process start in the same interpreter: not wrapped twice
+    started = time.perf_counter()
+    for _ in range(10):
+        assert StreamingExecutor._scheduling_loop_step(None, {}) is True
+    assert time.perf_counter() - started >= 10 * SCHEDULER_STEP_FLOOR_S and len(steps) == 10
