@@ -47,10 +47,11 @@ def evaluation_data() -> Path:
     return EVAL_DATA if (EVAL_DATA / MANIFEST).is_file() else PREPARED
 
 
-def pretraining_monitor(params: Params, train: Split, val: Split) -> Monitor:
+def pretraining_monitor(params: Params, train: Split | None, val: Split) -> Monitor:
     """What pretraining (and each sweep trial) watches: RankMe of a sample of the pretraining data's held-out
     images (`val`), and with labelled evaluation data, kNN top-1 on its validation split (`train` and `val` are
-    the pretraining data's splits, which are that data when it is labelled)."""
+    the pretraining data's splits, which are that data when it is labelled; `train` is None when streamed, which
+    only unlabelled sources are)."""
     from selfsup.train.collapse import rankme_sample
     from selfsup.train.monitor import LabelledProbe, Monitor
 
@@ -60,6 +61,7 @@ def pretraining_monitor(params: Params, train: Split, val: Split) -> Monitor:
     if not manifest.labelled:
         return Monitor(held_out)
     if folder == PREPARED:  # the pretraining images are the kNN's bank: no second copy
+        assert train is not None, "labelled pretraining data is held in memory"
         return Monitor(held_out, LabelledProbe(train.labels, val.images, val.labels, k=params.train.monitor_k))
     bank, labelled_val = load_split(folder, "train"), load_split(folder, "val")
     probe = LabelledProbe(bank.labels, labelled_val.images, labelled_val.labels, bank.images, params.train.monitor_k)

@@ -31,7 +31,7 @@ from pipelines.common import (
     run_stage,
     write_json,
 )
-from selfsup.data.arrays import Manifest, Split, file_sha256, load_split
+from selfsup.data.arrays import Manifest, file_sha256, load_split
 from selfsup.data.shards import Shards, check_shards
 from selfsup.errors import ConfigError
 from selfsup.eval.features import extract_features
@@ -54,12 +54,11 @@ def main() -> None:
     if manifest.streamed:  # the training images stay in their shards; the held-out ones stand for them here
         uri, files = manifest.shards(PREPARED)
         check_shards(uri, files)
-        train, images = Split(val.images[:0], val.labels[:0]), Shards(uri, files, train_count)
+        train, images = None, Shards(uri, files, train_count)
     else:
         train = load_split(PREPARED, "train")
         images = train.images
-    seen = val.images if manifest.streamed else train.images
-    check_data(params.method, seen, manifest.source)  # a method the data cannot teach: before Ray starts
+    check_data(params.method, val.images if train is None else train.images, manifest.source)  # before Ray starts
     if not manifest.labelled and uses_labels(params.method, params.train):
         raise ConfigError(
             f"params.yaml: method.name={params.method.name} with train.label_loss_weight="
@@ -89,7 +88,7 @@ def main() -> None:
     with pretrain_run(params.mlflow, ROOT, params=tracked, tags=tags) as run_id:
         started = time.perf_counter()
         try:
-            labels = train.labels if manifest.labelled else None
+            labels = train.labels if train is not None and manifest.labelled else None
             state = pretrain_with_ray(images, spec, params.scaling, CHECKPOINTS, run_name, monitor, labels)
         except TrainingStoppedError as error:  # a NaN loss, a collapse: the run keeps its curves up to the stop
             log_history(run_id, error.history)

@@ -27,11 +27,10 @@ def main() -> None:
     summary = {}
     for name, scores in pairs.items():
         summary[name], summary[f"{name}_init"] = scores["top1"], scores["baseline_top1"]
-    skipped = [
-        name for name, metrics in (("knn", knn), ("linear", linear), ("semisup", semisup)) if "skipped" in metrics
-    ]
-    if skipped:
-        summary["skipped"] = f"{', '.join(skipped)}: {knn.get('skipped') or linear.get('skipped')}"
+    protocols = {"knn": knn, "linear": linear, "semisup": semisup}
+    skipped = {name: metrics["skipped"] for name, metrics in protocols.items() if "skipped" in metrics}
+    if skipped:  # one reason for all of them: no labels (pipelines.common.missing_labels)
+        summary["skipped"] = f"{', '.join(skipped)}: {next(iter(skipped.values()))}"
     write_json(METRICS / "summary.json", summary)
     print(
         "test top-1, pretrained (random init): "

@@ -144,15 +144,29 @@ def load_labels(folder: str | Path, split: str) -> np.ndarray:
 
 def _channel_mean_std(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1], in chunks: a float copy of a whole large dataset won't fit."""
-    total, squares = np.zeros(3), np.zeros(3)
+    moments = ChannelMoments()
     for start in range(0, len(images), chunk):
-        pixels = images[start : start + chunk].reshape(-1, 3).astype(np.float64) / 255.0
-        total += pixels.sum(0)
-        squares += (pixels**2).sum(0)
-    count = images.shape[0] * images.shape[1] * images.shape[2]
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0))
-    return mean.round(6).tolist(), std.round(6).tolist()
+        moments.add(images[start : start + chunk])
+    return moments.mean_std()
+
+
+class ChannelMoments:
+    """Per-channel sums of the pixels in [0, 1] and of their squares, added image by image or in batches of uint8
+    ... x 3 images; their mean and std at the end (the arrays' and the shards' normalisation alike)."""
+
+    def __init__(self) -> None:
+        self.total, self.squares, self.count = np.zeros(3), np.zeros(3), 0
+
+    def add(self, images: np.ndarray) -> None:
+        pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+        self.total += pixels.sum(0)
+        self.squares += (pixels**2).sum(0)
+        self.count += len(pixels)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.squares / self.count - mean**2, 0))
+        return mean.round(6).tolist(), std.round(6).tolist()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -241,7 +241,7 @@ def prepare_streamed(files: list[Path], config: DataConfig, out_dir: str | Path)
         if (index + 1) % 50_000 == 0:
             print(f"prepare: {index + 1:,} of {len(train):,} training images written as shards", flush=True)
     writer.close()
-    mean, std = writer.mean_std(config.image_size**2)
+    mean, std = writer.mean_std()
     shards = {"count": writer.count, "sha256": writer.sha256, "shards": uri, "files": writer.files}
     return write_streamed_dataset(out_dir, config.source, held_out, shards, mean, std)
 
