@@ -140,10 +140,21 @@ def test_a_sweep_is_a_dvc_stage_run_when_asked_where_asha_stops_poor_trials_earl
     update_params(repo, {"train": {"monitor_every": 1}})
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_repo):
+def test_a_killed_sweep_judged_by_the_linear_probe_resumes_without_rerunning_finished_trials(sweep_repo):
+    """One trial at a time (max_concurrent_trials: 1, though the cluster has room for two), each judged by the
+    linear probe on val while searching its learning rate; the driver killed after a trial has finished, the
+    resumed sweep completes the others."""
     repo, env = sweep_repo
-    tune = {"name": "resumed", "epochs": 3, "num_samples": 3, "max_concurrent_trials": 1, "scheduler": "fifo"}
-    update_params(repo, {"tune": tune})
+    set_tune(
+        repo,
+        name="resumed",
+        metric="monitor_linear_top1",
+        epochs=3,
+        num_samples=3,
+        max_concurrent_trials=1,
+        scheduler="fifo",
+        space={"eval.linear.lr": {"loguniform": [0.001, 0.1]}, "train.lr": {"loguniform": [0.05, 0.5]}},
+    )
     driver = subprocess.Popen(
         ["python", "-m", "pipelines.tune"],
         cwd=repo,
@@ -173,7 +184,13 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_repo):
     assert resumed.returncode == 0, resumed.output
     rows = trials(repo)
     assert len(rows) == 3 and all(row["status"] == "completed" for row in rows), rows
+    assert (
+        all(0.1 < float(row["monitor_linear_top1"]) <= 1 for row in rows)
+        and len({r["eval.linear.lr"] for r in rows}) == 3
+    )
+    assert "eval" in yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())
     after = trial_results(repo, "resumed")
+    assert most_at_once(after) == 1
     for name, reports in finished.items():
         assert len(after[name]) == reports, name  # a finished trial was not run again
     _, parents, children = mlflow_runs(repo)
@@ -186,14 +203,16 @@ def test_trials_spread_over_the_nodes_of_a_cluster_into_storage_given_as_a_uri(s
     """On a cluster the sweep's state goes where every node sees it: here a file:// URI, as s3:// would be."""
     repo, env = sweep_repo
     shared = tmp_path / "shared"
-    tune = {
-        "name": "cluster",
-        "num_samples": 2,
-        "epochs": 2,
-        "max_concurrent_trials": 2,
-        "storage_path": shared.as_uri(),
-    }
-    update_params(repo, {"tune": tune})
+    set_tune(
+        repo,
+        name="cluster",
+        metric="monitor_knn_top1",
+        num_samples=2,
+        epochs=2,
+        max_concurrent_trials=2,
+        storage_path=shared.as_uri(),
+        space=TINY_SWEEP["tune"]["space"],  # the killed sweep's searched the linear probe's
+    )
     result = run(["python", "-m", "pipelines.tune"], repo, {**env, "RAY_ADDRESS": two_node_cluster})
     assert result.returncode == 0, result.output
     nodes = {reports[-1]["node_id"] for reports in trial_results(repo, "cluster", shared).values()}
@@ -214,29 +233,6 @@ def test_a_colorization_sweep_on_gray_images_stops_before_ray_starts(sweep_repo)
     assert result.returncode == 2  # the data's error, not the unreachable cluster's: Ray was never reached
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: params.yaml: method.name=colorization predicts colour") and "is gray" in line
-
-
-def test_a_sweep_judged_by_the_linear_probe_searches_its_learning_rate_one_trial_at_a_time(sweep_repo):
-    """max_concurrent_trials: 1 runs one trial after the other, though the cluster has room for two."""
-    repo, env = sweep_repo
-    set_tune(
-        repo,
-        name="probed",
-        metric="monitor_linear_top1",
-        num_samples=2,
-        epochs=2,
-        max_concurrent_trials=1,
-        scheduler="fifo",
-        storage_path=None,
-        space={"eval.linear.lr": {"loguniform": [0.001, 0.1]}, "train.lr": {"loguniform": [0.05, 0.5]}},
-    )
-    result = run(["python", "-m", "pipelines.tune"], repo, env)
-    assert result.returncode == 0, result.output
-    rows = trials(repo)
-    assert len(rows) == 2 and all(0.1 < float(row["monitor_linear_top1"]) <= 1 for row in rows)
-    assert len({row["eval.linear.lr"] for row in rows}) == 2
-    assert "eval" in yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())
-    assert most_at_once(trial_results(repo, "probed")) == 1
 
 
 def test_a_sweep_whose_every_trial_fails_says_so_in_one_line_and_lists_the_errors(sweep_repo):
