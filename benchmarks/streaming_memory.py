@@ -10,7 +10,7 @@ samples the resident set size (RSS) of this process (the driver) and of every pr
 The model is a quarter-width small CNN, so that one epoch of 400k images takes minutes on 2 cores (at 64 px, 4x as
 long): memory, not speed, is measured here (benchmarks/streaming.py measures speed).
 
-    python benchmarks/streaming_memory.py                       # 10k, 100k, 400k at 32 px (~40 min on 2 cores)
+    python benchmarks/streaming_memory.py                       # 10k, 100k, 400k at 32 px (~30 min on 2 cores)
     python benchmarks/streaming_memory.py --sizes 2000 8000     # a minute
 """
 

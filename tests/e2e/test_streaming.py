@@ -165,12 +165,12 @@ def test_workers_read_disjoint_parts_covering_every_image_once_an_epoch_in_a_new
 
 def test_a_pass_over_images_far_larger_than_memory_grows_the_worker_and_the_driver_by_little(streamed):
     """Peak resident memory (psutil) over a pass of 60,000 images of 64 px, 700 MiB decoded: the worker takes them
-    in batches as the training loop does, and neither it nor the driver holds more than a few blocks (32 MiB each)
-    at a time. In memory, the driver and the worker would each hold the 700 MiB (benchmarks/streaming_memory.py
+    in batches as the training loop does, and holds no more than a few blocks (32 MiB each) at a time; the driver
+    none. In memory, the driver and the worker would each hold the 700 MiB (benchmarks/streaming_memory.py
     measures both paths' pretraining at 10k, 100k and 400k images)."""
     large = streamed["large"]
     assert large["seen"] == 59_904  # every whole batch of 256
-    assert large["growth"] < large["decoded"] / 5, large  # < 140 MiB
+    assert large["growth"] < large["decoded"] / 4, large  # a few 32 MiB blocks in flight: measured 120 MiB of 703
     assert large["driver_growth"] < large["decoded"] / 10, large
 
 
