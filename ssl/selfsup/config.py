@@ -150,6 +150,10 @@ class MethodConfig(_Section):
 class ViewConfig(_Section):
     """Augmentations that make each view; probabilities are per image."""
 
+    # The views' side in pixels. null: the stored resolution (data.image_size). Smaller: the random resized crops
+    # of the stored images come out at this size, as ImageNet recipes store about 256 px and train at 224; the
+    # evaluations and the registered model still read the stored size. Multi-crop's local views scale to it.
+    size: int | None = Field(default=None, ge=8, le=512)
     crop_scale: CropScale = (0.4, 1.0)  # area fraction of the random resized crop
     flip_prob: float = Field(default=0.0, ge=0, le=1)  # digits are not mirror-symmetric
     jitter_prob: float = Field(default=0.8, ge=0, le=1)

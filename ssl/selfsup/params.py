@@ -99,6 +99,18 @@ class Params(_Section):
         return self
 
     @model_validator(mode="after")
+    def _views_fit_in_the_stored_images(self) -> Params:
+        """Also checked against the prepared images (native sizes) before pretraining; here before prepare."""
+        stored, size = self.data.image_size, self.views.size
+        if stored and size and size > stored:
+            raise ValueError(
+                f"views.size={size} is larger than data.image_size={stored}, the resolution the images are stored "
+                f"at: their crops would be enlarged, with no detail to show; set views.size to at most {stored}, or "
+                "raise data.image_size"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _label_loss_beside_a_self_supervised_method(self) -> Params:
         if self.train.label_loss_weight > 0 and self.method.name == "supervised":
             raise ValueError(

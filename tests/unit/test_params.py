@@ -102,6 +102,12 @@ def test_warmup_must_end_before_training() -> None:
     assert "train.warmup_epochs=5 must be below train.epochs=5" in message and "\n" not in message
 
 
+def test_views_larger_than_the_stored_images_are_refused_before_prepare_writes_them() -> None:
+    message = config_error(with_change("views.size", 24))  # data.image_size is 16
+    assert "views.size=24 is larger than data.image_size=16" in message and "\n" not in message
+    assert load_params(with_change("views.size", 12)).views.size == 12
+
+
 @pytest.mark.parametrize(
     "key, named",
     [

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from torch import nn
 
@@ -108,7 +110,12 @@ def build_method(
 
 
 def method_views(config: MethodConfig, views: ViewConfig, image_size: int) -> list[ViewSpec]:
-    return METHODS[config.name].views(config.knobs, views, image_size)
+    """The views the method asks for, of images stored `image_size` px square: at views.size when it is set (local
+    crops scaled to it), else at the stored size."""
+    specs = METHODS[config.name].views(config.knobs, views, views.size or image_size)
+    if views.size is None:
+        return specs
+    return [spec if spec.size else replace(spec, size=views.size) for spec in specs]
 
 
 __all__ = [

@@ -74,7 +74,8 @@ def build_backbone(config: ModelConfig, image_size: int = 32) -> nn.Module:
 class Encoder(nn.Module):
     """Normalisation + backbone: float images in [0, 1] -> features.
 
-    `image_size` (the images' side) matters only to the ViTs, which size their positional embedding by it.
+    `image_size` (the side it trains at) matters only to the ViTs, which size their positional embedding by it,
+    and to the heads of methods that rebuild the image.
     """
 
     def __init__(self, config: ModelConfig, mean: list[float], std: list[float], image_size: int = 32):
@@ -101,10 +102,12 @@ class Encoder(nn.Module):
 
 
 def save_encoder(encoder: Encoder, path: str | Path, image_size: list[int]) -> None:
-    """Weights plus what it takes to rebuild them: plain types only, so loading needs no pickle."""
+    """Weights plus what it takes to rebuild them: plain types only, so loading needs no pickle. `image_size` is
+    the stored images' [H, W] the encoder reads; it trained at `encoder.image_size` (views.size), perhaps smaller."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    torch.save({"model": encoder.config.model_dump(), "image_size": list(image_size), "state_dict": state}, path)
+    saved = {"model": encoder.config.model_dump(), "image_size": list(image_size), "state_dict": state}
+    torch.save({**saved, "trained_size": encoder.image_size}, path)
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Encoder, list[int]]:
@@ -113,7 +116,8 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
         saved = torch.load(path, map_location=map_location, weights_only=True)
         state = saved["state_dict"]
         config = ModelConfig(**saved["model"])
-        encoder = Encoder(config, mean=[0.0] * 3, std=[1.0] * 3, image_size=saved["image_size"][0])
+        trained_size = saved.get("trained_size", saved["image_size"][0])
+        encoder = Encoder(config, mean=[0.0] * 3, std=[1.0] * 3, image_size=trained_size)
         encoder.load_state_dict(state)
     except FileNotFoundError:
         raise FileNotFoundError(f"no encoder at {path}: run `dvc repro pretrain` first") from None

@@ -48,14 +48,26 @@ class PretrainSpec:
     train: TrainConfig
     mean: list[float]
     std: list[float]
-    image_size: int = 32  # the images' side: ViTs size their positional embedding by it, local crops scale to it
+    image_size: int = 32  # the stored images' side
     num_classes: int = 0  # of the labels, for the supervised reference and train.label_loss_weight
 
     @property
     def uses_labels(self) -> bool:
         return uses_labels(self.method, self.train)
 
+    @property
+    def view_size(self) -> int:
+        """The side training sees: ViTs size their positional embedding by it, heads that rebuild the image
+        (inpainting, colorization) their outputs, multi-crop its local crops."""
+        return self.views.size or self.image_size
+
     def __post_init__(self) -> None:
+        if self.view_size > self.image_size:
+            raise ConfigError(
+                f"params.yaml: views.size={self.view_size} is larger than the {self.image_size} px images stored "
+                f"(data.image_size): their crops would be enlarged, with no detail to show; set views.size to at most "
+                f"{self.image_size}, or raise data.image_size and re-run prepare"
+            )
         _check_patches_tile_every_view(self)
 
     @classmethod
@@ -78,13 +90,14 @@ def _check_patches_tile_every_view(spec: PretrainSpec) -> None:
     divide (multi-crop's local views are a fraction of the image, e.g. 18 px at 32)."""
     if not spec.model.backbone.startswith("vit"):
         return
-    patch, image = spec.model.patch_size, spec.image_size
+    patch, image = spec.model.patch_size, spec.view_size
     if image % patch:
+        size_key = "views.size" if spec.views.size else "data.image_size"
         raise ConfigError(
-            f"params.yaml: model.patch_size={patch} does not divide the {image} px images; pick a divisor of "
-            f"{image} or set data.image_size to a multiple of {patch}"
+            f"params.yaml: model.patch_size={patch} does not divide the {image} px views; pick a divisor of "
+            f"{image} or set {size_key} to a multiple of {patch}"
         )
-    for view in method_views(spec.method, spec.views, image):
+    for view in method_views(spec.method, spec.views, spec.image_size):
         if view.size and view.size % patch:
             fits = max(patch, view.size // patch * patch)
             raise ConfigError(
@@ -142,7 +155,7 @@ def build_model(spec: PretrainSpec, num_images: int = 0) -> Method:
     """The method module (encoder + heads), initialised from train.seed: identical on every worker.
     `num_images`, the training set's size, sizes Exemplar-CNN's classes."""
     torch.manual_seed(spec.train.seed)
-    encoder = Encoder(spec.model, spec.mean, spec.std, image_size=spec.image_size)
+    encoder = Encoder(spec.model, spec.mean, spec.std, image_size=spec.view_size)
     return build_method(encoder, spec.method, spec.num_classes, spec.train.label_loss_weight, num_images)
 
 

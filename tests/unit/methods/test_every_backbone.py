@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from selfsup.errors import ConfigError
 from selfsup.methods import METHODS
 from selfsup.methods.base import TrainingProgress
-from selfsup.models import BACKBONE_BUILDERS, Encoder
+from selfsup.models import BACKBONE_BUILDERS, Encoder, load_encoder, save_encoder
 from selfsup.params import load_params
 from selfsup.train.loop import PretrainSpec, single_process_step
 from tests.conftest import TEST_IMAGES, method_inputs
@@ -20,13 +20,16 @@ CPU = torch.device("cpu")
 IMAGE_SIZE = 16  # ViTs: patch 4 gives 16 tokens
 
 
-def make_spec(method: str, backbone: str = "small_cnn", knobs: dict | None = None, **train) -> PretrainSpec:
+def make_spec(
+    method: str, backbone: str = "small_cnn", knobs: dict | None = None, views: dict | None = None, **train
+) -> PretrainSpec:
     if backbone.startswith("vit") and "local_size" in METHODS[method].Knobs.model_fields:
         knobs = {"local_size": 0.5, **(knobs or {})}  # 8 px local crops: whole 4 px patches
     params = load_params(
         {
             "method": {"name": method, method: {**SMALL_KNOBS[method], **(knobs or {})}},
             "model": {"backbone": backbone},
+            "views": views or {},
             "train": {"batch_size": 4, "epochs": 2, "warmup_epochs": 0, **train},
         }
     )
@@ -74,8 +77,33 @@ def test_local_crops_a_vit_patch_does_not_divide_are_refused_with_the_size_that_
 
 def test_images_a_vit_patch_does_not_divide_are_refused_before_any_compute() -> None:
     params = load_params({"model": {"backbone": "vit_tiny"}})
-    with pytest.raises(ConfigError, match="model.patch_size=4 does not divide the 18 px images"):
+    with pytest.raises(ConfigError, match="model.patch_size=4 does not divide the 18 px views.*data.image_size"):
         PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, 18)
+
+
+@pytest.mark.parametrize(("method", "backbone"), [(m, "small_cnn") for m in METHODS] + [("dino", "vit_tiny")])
+def test_every_method_trains_on_views_smaller_than_the_stored_images(method: str, backbone: str, tmp_path) -> None:
+    """views.size: the crops of 16 px stored images come out at 8 px (local crops scaled to that), what heads sized
+    to the image (inpainting's, colorization's) and a ViT's positional embedding are built for; the saved encoder
+    then reads the stored 16 px images, as the evaluations and the registered model do."""
+    spec = make_spec(method, backbone, views={"size": 8})
+    step = single_process_step(spec, CPU, TEST_IMAGES)
+    sizes = {view.size for view in step.views}
+    assert max(sizes) == 8 and (method != "dino" or sizes == {8, 4})  # DINO's local crops: 0.5 of the views' side
+    loss, _ = step(images(), torch.Generator().manual_seed(1), TrainingProgress(0, 2, 1), **method_inputs(method, 4))
+    assert torch.isfinite(loss)
+    encoder = encoder_of(step).eval()
+    save_encoder(encoder, tmp_path / "encoder.pt", [IMAGE_SIZE, IMAGE_SIZE])
+    loaded, stored = load_encoder(tmp_path / "encoder.pt")
+    assert stored == [IMAGE_SIZE, IMAGE_SIZE]
+    stored_images = images().permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(stored_images), encoder(stored_images))
+
+
+def test_views_larger_than_the_stored_images_are_refused_before_any_compute() -> None:
+    with pytest.raises(ConfigError, match=r"views.size=24 is larger than the 16 px images stored.*at most 16"):
+        make_spec("simclr", views={"size": 24})
 
 
 @pytest.mark.parametrize("method", list(METHODS))

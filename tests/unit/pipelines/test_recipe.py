@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pipelines.recipe import RECIPES, apply, recipe_overrides
+from selfsup.methods import method_views
 from selfsup.params import load_params
 from tests.conftest import ROOT
 
@@ -33,10 +34,11 @@ def test_the_stl10_and_imagenet_recipes_pretrain_as_the_papers_do():
     stl10 = load_params(apply({"data": {"root": "ROOT"}}, recipe_overrides("stl10", "simclr")))
     assert (stl10.data.stl10_split, stl10.data.image_size, stl10.model.stem) == ("train+unlabeled", 96, "imagenet")
     imagenet = load_params(apply({"data": {"root": "ROOT"}}, recipe_overrides("imagenet", "dino")))
-    assert (imagenet.data.source, imagenet.data.streaming, imagenet.data.image_size) == ("folder", True, 224)
+    assert (imagenet.data.source, imagenet.data.streaming, imagenet.data.image_size) == ("folder", True, 256)
+    assert imagenet.views.size == 224  # crops of the stored 256 px images, as the papers train
     assert (imagenet.model.backbone, imagenet.model.stem) == ("resnet50", "imagenet")
-    dino = imagenet.method.dino
-    assert dino.local_crops == 6 and round(dino.local_size * 224) == 96  # 2 x 224 + 6 x 96 px
+    sizes = [view.size for view in method_views(imagenet.method, imagenet.views, imagenet.data.image_size)]
+    assert sizes == [224] * 2 + [96] * 6  # of the stored 256 px images
 
 
 def test_the_command_prints_the_flags_and_names_a_recipe_that_does_not_exist():
