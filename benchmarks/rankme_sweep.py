@@ -2,11 +2,13 @@
 
 Clones the repository (HEAD, or --working-tree) into a temporary folder, prepares its data, and runs the sweep
 of its params.yaml (`python -m pipelines.tune`, with `--set` overrides) without early stopping, so that every
-trial runs its epochs. Each trial reports the monitor's val kNN top-1 and RankMe of the held-out images at the
-same epochs; the script reads each trial's last pair from MLflow and prints them with their Spearman correlation.
+trial runs its epochs. Each trial reports the monitor's val kNN top-1 (and the linear probe's, when tune.metric
+asks for it) and RankMe of the held-out images at the same epochs; the script reads each trial's last scores from
+MLflow and prints them with RankMe's Spearman correlation with each.
 
     python benchmarks/rankme_sweep.py                          # the shipped sweep on the digits: 8 trials, ~3 min
     python benchmarks/rankme_sweep.py --set tune.num_samples=16
+    python benchmarks/rankme_sweep.py --set tune.metric=monitor_linear_top1   # the linear probe's top-1 too
 """
 
 from __future__ import annotations
@@ -46,26 +48,45 @@ def main() -> None:
         client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
         experiment = client.get_experiment_by_name("selfsup")
         runs = client.search_runs([experiment.experiment_id], "tags.mlflow.parentRunId != ''")
-        rows = []
-        for run in runs:
-            knn = client.get_metric_history(run.info.run_id, "monitor_knn_top1")
-            rankme = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "monitor_rankme")}
-            if not knn or knn[-1].step not in rankme:
-                continue
-            last = max(knn, key=lambda m: m.step)
-            params = {k: v for k, v in run.data.params.items() if k.startswith(("train.lr", "method."))}
-            rows.append({"knn_top1": last.value, "rankme": rankme[last.step], "epoch": last.step, **params})
-    rows.sort(key=lambda row: -row["knn_top1"])
-    rho = spearmanr([r["rankme"] for r in rows], [r["knn_top1"] for r in rows]).statistic if len(rows) > 2 else None
-    keys = [k for k in rows[0] if k not in ("knn_top1", "rankme", "epoch")] if rows else []
-    print("| val kNN top-1 | RankMe | epoch | " + " | ".join(keys) + " |")
-    print("|---|---|---|" + "---|" * len(keys))
+        rows = [row for row in (last_scores(client, run) for run in runs) if row]
+    scores = [name for name in LABELLED if rows and name in rows[0]]
+    rows.sort(key=lambda row: -row[scores[-1]])
+    spearman = {
+        name: round(spearmanr([r["rankme"] for r in rows], [r[name] for r in rows]).statistic, 2)
+        for name in scores
+        if len(rows) > 2
+    }
+    keys = [k for k in rows[0] if k not in (*scores, "rankme", "epoch")] if rows else []
+    print("| " + " | ".join(LABELLED[name] for name in scores) + " | RankMe | epoch | " + " | ".join(keys) + " |")
+    print("|---" * (len(scores) + 2 + len(keys)) + "|")
     for row in rows:
+        labelled = " | ".join(f"{100 * row[name]:.2f}" for name in scores)
         values = " | ".join(f"{float(row[k]):.4g}" for k in keys)
-        print(f"| {100 * row['knn_top1']:.2f} | {row['rankme']:.2f} | {row['epoch']} | {values} |")
-    print(f"\nSpearman of RankMe with val kNN top-1 over {len(rows)} trials: {rho if rho is None else round(rho, 2)}")
+        print(f"| {labelled} | {row['rankme']:.2f} | {row['epoch']} | {values} |")
+    for name, rho in spearman.items():
+        print(f"Spearman of RankMe with {LABELLED[name]} over {len(rows)} trials: {rho}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"overrides": args.set, "rows": rows, "spearman": rho}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"overrides": args.set, "rows": rows, "spearman": spearman}, indent=2) + "\n")
+
+
+# The labelled scores a trial's monitor may report (the linear probe's when tune.metric asks for it).
+LABELLED = {"monitor_knn_top1": "val kNN top-1", "monitor_linear_top1": "val linear top-1"}
+
+
+def last_scores(client, run) -> dict | None:
+    """A trial's labelled scores and RankMe at the last epoch its monitor measured them all; None if it never did."""
+    history = {
+        name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        for name in (*LABELLED, "monitor_rankme")
+    }
+    measured = [name for name in LABELLED if history[name]]
+    epochs = set(history["monitor_rankme"]).intersection(*(history[name] for name in measured))
+    if not measured or not epochs:
+        return None
+    epoch = max(epochs)
+    params = {k: v for k, v in run.data.params.items() if k.startswith(("train.lr", "method."))}
+    scores = {name: history[name][epoch] for name in measured}
+    return {**scores, "rankme": history["monitor_rankme"][epoch], "epoch": epoch, **params}
 
 
 if __name__ == "__main__":

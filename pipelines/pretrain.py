@@ -188,6 +188,7 @@ TRAINING_CODE = (
     "params.py",
     "errors.py",
     "reachability.py",
+    "ray_cluster.py",
     "__init__.py",
 )
 

@@ -10,7 +10,15 @@ from tests.conftest import ROOT
 SOURCE = ROOT / "ssl"
 # Lowest first. A module may import its own layer and those below.
 LAYERS = [
-    ("selfsup", "selfsup.errors", "selfsup.config", "selfsup.dotted", "selfsup.distributed", "selfsup.reachability"),
+    (
+        "selfsup",
+        "selfsup.errors",
+        "selfsup.config",
+        "selfsup.dotted",
+        "selfsup.distributed",
+        "selfsup.reachability",
+        "selfsup.ray_cluster",
+    ),
     ("selfsup.data",),
     ("selfsup.models",),
     ("selfsup.methods",),

@@ -158,15 +158,24 @@ class ChannelMoments:
         self.total, self.squares, self.count = np.zeros(3), np.zeros(3), 0
 
     def add(self, images: np.ndarray) -> None:
-        pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
-        self.total += pixels.sum(0)
-        self.squares += (pixels**2).sum(0)
-        self.count += len(pixels)
+        self.add_sums(*pixel_sums(images))
+
+    def add_sums(self, total: np.ndarray, squares: np.ndarray, count: int) -> None:
+        """What `pixel_sums` computed elsewhere (in a Ray Data task): the same figures as `add` of those images."""
+        self.total += total
+        self.squares += squares
+        self.count += count
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         mean = self.total / self.count
         std = np.sqrt(np.maximum(self.squares / self.count - mean**2, 0))
         return mean.round(6).tolist(), std.round(6).tolist()
+
+
+def pixel_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel sums of uint8 ... x 3 images' pixels in [0, 1] and of their squares, and the number of pixels."""
+    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+    return pixels.sum(0), (pixels**2).sum(0), len(pixels)
 
 
 def file_sha256(path: str | Path) -> str:

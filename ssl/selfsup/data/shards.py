@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from selfsup.data.arrays import ChannelMoments
+from selfsup.data.arrays import ChannelMoments, pixel_sums
 from selfsup.errors import DatasetError
 
 
@@ -57,8 +57,12 @@ class ShardWriter:
 
     def add(self, image: np.ndarray) -> None:
         """One uint8 H x W x 3 image."""
-        self._moments.add(image)
-        self._rows.append(encode_jpeg(image))
+        self.add_encoded(encode_jpeg(image), *pixel_sums(image))
+
+    def add_encoded(self, jpeg: bytes, total: np.ndarray, squares: np.ndarray, pixels: int) -> None:
+        """One image encoded elsewhere (encode_jpeg, in a Ray Data task), with its `pixel_sums`."""
+        self._moments.add_sums(total, squares, pixels)
+        self._rows.append(jpeg)
         if len(self._rows) == self.images_per_shard:
             self._flush()
 
@@ -181,8 +185,7 @@ def read_streamed(uri: str, files: list[str], seed: int, image_size: int, decode
 # is the goal: on 2 cores it halved the training (850 against 1,800 images/s, docs/streaming.md). A floor on a
 # step's duration turns the spin into a poll of 200 steps a second, plenty for blocks of thousands of images.
 SCHEDULER_STEP_FLOOR_S = 0.005
-# The processes of a streaming run apply it as they start (ray.init's worker_process_setup_hook).
-THROTTLE_HOOK = "selfsup.data.shards.throttle_ray_data_scheduler"
+# The processes of a streaming run apply it as they start (selfsup.ray_cluster.THROTTLE_HOOK names it).
 
 
 def throttle_ray_data_scheduler() -> None:

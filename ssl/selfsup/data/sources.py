@@ -7,7 +7,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -221,29 +221,101 @@ def streams(config: DataConfig, count: int) -> bool:
 
 
 def prepare_streamed(files: list[Path], config: DataConfig, out_dir: str | Path) -> Manifest:
-    """Hold data.val_fraction of the files out (decoded into memory, as a prepared split), and write the rest as
-    Parquet shards of JPEGs at data.image_size (data.shards_uri, by default out_dir/shards), one file at a time:
-    memory stays bounded whatever the number of images. Unreadable files are skipped as _decode_files does."""
+    """Hold data.val_fraction of the files out (in memory, as a prepared split), and write the rest as Parquet
+    shards of JPEGs at data.image_size (data.shards_uri, by default out_dir/shards). Ray Data decodes, resizes and
+    encodes them in tasks across the cluster's CPUs (a 12 MP photo takes about 80 ms on one core); this process
+    writes what they return in the files' order, so memory stays bounded whatever the number of images and the
+    shards are the same whatever the cluster. Unreadable files are skipped as _readable_images does."""
     from selfsup.data.shards import ShardWriter
 
     train, val = random_split(len(files), config.val_fraction, config.seed + 1)
     # In a random order: a stream reads a shard at a time, and files in folder order (by class, by date) would make
     # batches of look-alikes that a local shuffle buffer cannot mix.
     train = np.random.default_rng(config.seed + 2).permutation(train)
-    held_out = _decode_unlabelled([files[i] for i in val], config)
     uri = config.shards_uri or "shards"  # relative: inside out_dir, wherever the project is copied
     writer = ShardWriter(
         uri if "://" in uri or Path(uri).is_absolute() else str(Path(out_dir) / uri), config.images_per_shard
     )
-    limits = config.max_image_pixels, config.max_unreadable_fraction
-    for index, image in _readable_images([files[i] for i in train], *limits):
-        writer.add(center_crop_resize(image, config.image_size).permute(1, 2, 0).numpy())
-        if (index + 1) % 50_000 == 0:
-            print(f"prepare: {index + 1:,} of {len(train):,} training images written as shards", flush=True)
+    size = config.image_size
+    held_out = np.empty((len(val), size, size, 3), dtype=np.uint8)
+    kept = 0
+    paths = [files[i] for i in val] + [files[i] for i in train]
+    # Closed when it stops early (too many unreadable files): Ray Data's iterator inside it ends then, not at exit.
+    with closing(_resized_with_ray(paths, size, config.max_image_pixels, encode_from=len(val))) as outcomes:
+        for index, (data, total, squares) in _skip_unreadable(paths, outcomes, config.max_unreadable_fraction):
+            if index < len(val):  # raw pixels, as the in-memory path holds them
+                held_out[kept] = np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
+                kept += 1
+                continue
+            writer.add_encoded(data, total, squares, size * size)
+            if (index - len(val) + 1) % 50_000 == 0:
+                print(f"prepare: {index - len(val) + 1:,} of {len(train):,} training images written", flush=True)
     writer.close()
+    if not kept:
+        raise DatasetError(f"none of the {len(val)} held-out images can be read: raise data.val_fraction")
     mean, std = writer.mean_std()
     shards = {"count": writer.count, "sha256": writer.sha256, "shards": uri, "files": writer.files}
+    held_out = Split(held_out[:kept], np.full(kept, UNLABELLED, dtype=np.int64))
     return write_streamed_dataset(out_dir, config.source, held_out, shards, mean, std)
+
+
+# Paths per Ray Data task: a few seconds of work for small files, a few tens for photos.
+PATHS_PER_TASK = 256
+
+
+def _resized_with_ray(
+    paths: list[Path], size: int, max_pixels: int, encode_from: int
+) -> Iterator[tuple[int, tuple[bytes, np.ndarray, np.ndarray] | _Unreadable]]:
+    """(index, (image, its pixel sums) or why it is unreadable) for each path in order, decoded and resized to
+    `size` in Ray Data tasks: the image as JPEG bytes from `encode_from` on, as raw uint8 pixels before."""
+    import ray.data
+
+    from selfsup.ray_cluster import connect_ray
+
+    connect_ray(streaming=True)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the shards in the files' order, whichever task ends first
+    context.enable_progress_bars = context.print_on_execution_start = context.enable_auto_log_stats = False
+    items = [{"index": i, "path": str(path), "encode": i >= encode_from} for i, path in enumerate(paths)]
+    blocks = max(1, -(-len(items) // PATHS_PER_TASK))
+    resized = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        resize_files, batch_size=None, fn_kwargs={"size": size, "max_pixels": max_pixels}
+    )
+    for batch in resized.iter_batches(batch_size=PATHS_PER_TASK, batch_format="numpy"):
+        for index, data, error, total, squares in zip(
+            batch["index"], batch["data"], batch["error"], batch["total"], batch["squares"]
+        ):
+            yield int(index), (_Unreadable(error) if error else (data, total, squares))
+
+
+def resize_files(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
+    """A Ray Data task's work: each file decoded (_decode_image), resized to `size` (center_crop_resize), with its
+    pixel sums, as JPEG bytes where `encode` says so, else raw; an unreadable file gets its reason in `error`."""
+    from selfsup.data.arrays import pixel_sums
+    from selfsup.data.shards import encode_jpeg
+
+    data, errors, totals, squares = [], [], [], []
+    for path, encode in zip(batch["path"], batch["encode"]):
+        try:
+            image = center_crop_resize(_decode_image(Path(path), max_pixels), size).permute(1, 2, 0).numpy()
+        except _Unreadable as error:
+            data.append(b"")
+            errors.append(str(error))
+            totals.append(np.zeros(3))
+            squares.append(np.zeros(3))
+            continue
+        total, square, _ = pixel_sums(image)
+        data.append(encode_jpeg(image) if encode else image.tobytes())
+        errors.append("")
+        totals.append(total)
+        squares.append(square)
+    return {
+        "index": batch["index"],
+        "data": np.array(data, dtype=object),
+        "error": np.array(errors, dtype=object),
+        "total": np.stack(totals),
+        "squares": np.stack(squares),
+    }
 
 
 def _folder_files(config: DataConfig) -> list[Path]:
@@ -361,21 +433,36 @@ def _decode_files(
 def _readable_images(
     paths: list[Path], max_image_pixels: int, max_unreadable_fraction: float
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index into `paths`, uint8 3 x H x W image) of each file that decodes. Unreadable ones are skipped while
-    they are at most max_unreadable_fraction of the files: a warning names them at the end, more is a
-    DatasetError, raised at the first one over (no need to decode the rest to know)."""
+    """(index into `paths`, uint8 3 x H x W image) of each file that decodes, in this process; unreadable ones are
+    skipped as _skip_unreadable says."""
+    outcomes = ((index, _decoded_or_why(path, max_image_pixels)) for index, path in enumerate(paths))
+    return _skip_unreadable(paths, outcomes, max_unreadable_fraction)
+
+
+def _decoded_or_why(path: Path, max_pixels: int) -> torch.Tensor | _Unreadable:
+    try:
+        return _decode_image(path, max_pixels)
+    except _Unreadable as error:
+        return error
+
+
+def _skip_unreadable(
+    paths: list[Path], outcomes: Iterator[tuple[int, object]], max_unreadable_fraction: float
+) -> Iterator[tuple[int, object]]:
+    """The (index into `paths`, result) of `outcomes` whose result is not _Unreadable, in their order. Unreadable
+    ones are skipped while they are at most max_unreadable_fraction of the files: a warning names them at the end,
+    more is a DatasetError, raised at the first one over (no need to decode the rest to know)."""
     allowed = int(max_unreadable_fraction * len(paths) + 1e-9)  # the epsilon: 0.29 * 100 is 28.999...
-    skipped, read = [], 0
-    for index, path in enumerate(paths):
-        try:
-            image = _decode_image(path, max_image_pixels)
-        except _Unreadable as error:
-            skipped.append((path, str(error)))
+    skipped, read, seen = [], 0, 0
+    for index, outcome in outcomes:
+        seen += 1
+        if isinstance(outcome, _Unreadable):
+            skipped.append((paths[index], str(outcome)))
             if len(skipped) > allowed:
-                raise _too_many_unreadable(skipped, index + 1, len(paths), max_unreadable_fraction, allowed) from None
+                raise _too_many_unreadable(skipped, seen, len(paths), max_unreadable_fraction, allowed) from None
             continue
         read += 1
-        yield index, image
+        yield index, outcome
     if skipped and not read:  # only when max_unreadable_fraction allows every file
         raise DatasetError(f"none of the {len(paths)} image files can be read: {_listing(skipped)}")
     if skipped:

@@ -8,8 +8,6 @@ path + name) resumes from the latest one, so the caller derives the name from th
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -20,103 +18,11 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from selfsup.config import ScalingConfig
-from selfsup.data.shards import THROTTLE_HOOK, Shards
-from selfsup.errors import ConfigError, RayClusterError, SelfsupError, WorkerError, WorkerLostError
-from selfsup.reachability import unreachable
+from selfsup.data.shards import Shards
+from selfsup.errors import ConfigError, SelfsupError, WorkerError, WorkerLostError
+from selfsup.ray_cluster import connect_ray
 from selfsup.train.loop import CHECKPOINT_FILE, PretrainSpec, load_checkpoint, train_loop
 from selfsup.train.monitor import Monitor
-
-# Quiet defaults for the processes Ray starts from here; a user's own settings win.
-QUIET_RAY = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # The controller polls its workers this often (Ray's default: 2 s), and each `report` and the end of
-    # `fit()` wait for that poll: 0.2 s (what Ray's own tests use) saves seconds per run for a few tiny tasks.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "RAY_DATA_LOG_LEVEL": "WARNING",  # streaming: Ray Data's line per pass would interleave with the epochs'
-}
-
-
-def connect_ray(dashboard: bool = False, streaming: bool = False) -> None:
-    """Join the cluster at RAY_ADDRESS if set (failing fast when it is unreachable or refuses us), else start a
-    private local instance that never joins another by accident. Environment variables are set here, where Ray
-    starts (its processes inherit them), never at import. `streaming`: this job's processes throttle Ray Data's
-    scheduling loop as they start (selfsup.data.shards.throttle_ray_data_scheduler; it costs each process the
-    import of Ray Data, half a second, so only streaming runs ask for it)."""
-    if ray.is_initialized():
-        return
-    for key, value in QUIET_RAY.items():
-        os.environ.setdefault(key, value)
-    runtime_env = {"worker_process_setup_hook": THROTTLE_HOOK} if streaming else None
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-        except ConnectionError as error:
-            raise RayClusterError(_refused(address, error)) from None
-        return
-    start_private_instance(dashboard, runtime_env)
-
-
-def start_private_instance(dashboard: bool = False, runtime_env: dict | None = None) -> str:
-    """A local Ray instance of this machine's CPUs that only holders of its token can use, and return the
-    dashboard's URL (empty without one).
-
-    Ray binds its GCS, raylet and workers to every interface, so the token is the lock: a fresh one per process
-    (RAY_AUTH_TOKEN, inherited by the instance's processes only), never written to disk. `address="local"`
-    starts a new instance even when `ray start` left one on the machine."""
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # one per process: Ray caches the first it reads
-    # Ray read RAY_AUTH_MODE when it was imported; re-read it as ray.init does when it turns token auth on itself.
-    from ray._raylet import Config
-
-    Config.initialize("")
-    # Ray Train's placement-group cleaner asks "the" dashboard whether the run's controller is alive; unpointed, it
-    # may find another Ray instance's dashboard on this host, which does not know the controller, and remove a live
-    # run's workers. Point it at our own (or, without one, at a port nothing serves: it then keeps the workers).
-    port = _free_loopback_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        object_store_memory=256 << 20,  # else each node claims 30% of RAM
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        # The cleaner, without a dashboard to ask, warns every few seconds that it cannot; errors still show.
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-        runtime_env=runtime_env,
-    )
-    return os.environ["RAY_API_SERVER_ADDRESS"] if dashboard else ""
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _refused(address: str, error: ConnectionError) -> str:
-    cause = f"{error} {error.__cause__ or ''}"
-    if "uthenticat" in cause or "token" in cause:
-        return (
-            f"the Ray cluster at RAY_ADDRESS={address} refused this client's token: set RAY_AUTH_MODE=token and the "
-            "cluster's token (`ray get-auth-token` on its head) in RAY_AUTH_TOKEN or ~/.ray/auth_token"
-        )
-    return f"could not join the Ray cluster at RAY_ADDRESS={address} ({str(error).splitlines()[0]})"
-
-
-def _check_reachable(address: str) -> None:
-    if address == "auto":
-        return
-    problem = unreachable(address, default_port=10001 if address.startswith("ray://") else 6379)
-    if problem:
-        raise RayClusterError(
-            f"the Ray cluster at RAY_ADDRESS={address} is unreachable ({problem}): start it "
-            "(`ray start --head`), fix the address, or unset RAY_ADDRESS to run on a local instance"
-        ) from None
 
 
 def check_resources(scaling: ScalingConfig) -> None:

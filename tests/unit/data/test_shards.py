@@ -3,15 +3,18 @@ budget, and the checks made before Ray starts. The streaming itself runs in test
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from selfsup.config import DataConfig
-from selfsup.data.arrays import Manifest, load_split
-from selfsup.data.shards import ShardWriter, check_shards, decode_batch, read_shard
+from selfsup.data import sources
+from selfsup.data.arrays import ChannelMoments, Manifest, load_split
+from selfsup.data.shards import ShardWriter, check_shards, decode_batch, encode_jpeg, read_shard
 from selfsup.data.sources import UNLABELLED, prepare_dataset, streams
 from selfsup.errors import ConfigError, DatasetError
 from selfsup.params import load_params
@@ -46,7 +49,7 @@ def test_a_row_that_does_not_decode_is_dropped_not_raised(tmp_path: Path) -> Non
     assert decoded["index"].tolist() == [0, 2] and decoded["image"].shape == (2, 8, 8, 3)
 
 
-def test_a_folder_past_the_memory_budget_is_prepared_as_shards_in_a_random_order(tmp_path: Path) -> None:
+def test_a_folder_past_the_memory_budget_is_prepared_as_shards_in_a_random_order(tmp_path: Path, joined_ray) -> None:
     make_tree(tmp_path / "images", [f"{d}/{i}.png" for d in range(3) for i in range(10)], size=12)
     config = DataConfig(source="folder", root=str(tmp_path / "images"), image_size=8, images_per_shard=10)
     assert not streams(config, 30)  # 30 images of 8 px: far below 8 GB
@@ -65,7 +68,52 @@ def test_a_folder_past_the_memory_budget_is_prepared_as_shards_in_a_random_order
     assert again.sha256 == manifest.sha256 and again.streamed
 
 
-def test_unreadable_files_are_skipped_and_counted_and_past_the_threshold_one_line(tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def joined_ray(shared_ray_address, monkeypatch) -> Iterator[None]:
+    """prepare writes shards through Ray Data: on the tests' shared cluster, left afterwards."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", shared_ray_address)
+    yield
+    ray.shutdown()
+
+
+def test_ray_data_tasks_write_the_bytes_one_process_would_in_order(tmp_path: Path, joined_ray, monkeypatch) -> None:
+    """Decoding, resizing and encoding run in Ray Data tasks (five here); the shards hold exactly the JPEGs this
+    process makes of the same files, numbered in order, the held-out images their raw pixels, the broken file
+    skipped, and the channel statistics those of the written images."""
+    monkeypatch.setattr(sources, "PATHS_PER_TASK", 9)
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for index in range(40):  # not square: the centre is cropped
+        (root / str(index % 3)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).save(root / str(index % 3) / f"{index}.png")
+    (root / "0" / "broken.png").write_bytes(b"\x89PNG broken")
+    config = DataConfig(
+        source="folder", root=str(root), image_size=8, streaming=True, images_per_shard=16, max_unreadable_fraction=0.05
+    )
+    manifest = prepare_dataset(config, tmp_path / "prepared")
+
+    here = {}  # raw pixels -> JPEG, made in this process
+    for path in root.rglob("*.png"):
+        if path.name != "broken.png":
+            image = sources.center_crop_resize(sources._decode_image(path, 10**8), 8).permute(1, 2, 0).numpy()
+            here[image.tobytes()] = encode_jpeg(image)
+    uri, files = manifest.shards(tmp_path / "prepared")
+    tables = [pq.read_table(f"{uri}/{name}") for name in files]
+    stored = [jpeg for table in tables for jpeg in table.column("image").to_pylist()]
+    assert [i for table in tables for i in table.column("index").to_pylist()] == list(range(len(stored)))
+    held_out = {image.tobytes() for image in load_split(tmp_path / "prepared", "val").images}
+    assert held_out < here.keys() and len(held_out) + len(stored) == len(here) == 40
+    assert sorted(stored) == sorted(jpeg for raw, jpeg in here.items() if raw not in held_out)
+    written = ChannelMoments()
+    written.add(np.stack([np.frombuffer(raw, np.uint8) for raw in here if raw not in held_out]).reshape(-1, 8, 8, 3))
+    assert manifest.mean == written.mean_std()[0] and manifest.std == written.mean_std()[1]
+
+
+def test_unreadable_files_are_skipped_and_counted_and_past_the_threshold_one_line(
+    tmp_path: Path, joined_ray, capsys
+) -> None:
     make_tree(tmp_path / "images", [f"{i}.png" for i in range(20)], size=12)
     (tmp_path / "images" / "5.png").write_bytes(b"\x89PNG broken")
     config = DataConfig(
