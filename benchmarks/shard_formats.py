@@ -111,12 +111,11 @@ def main() -> None:
     import ray
     import ray.data
 
-    from selfsup.train.ray_trainer import connect_ray
+    from selfsup.ray_cluster import connect_ray, quiet_ordered_ray_data
 
     originals = source_images(args.source)
     connect_ray(streaming=True)  # a private instance, as a streaming run starts it
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = context.print_on_execution_start = context.enable_auto_log_stats = False
+    quiet_ordered_ray_data()
     rows = []
     for size in args.sizes:
         images = resize_square(originals, size) if size != originals.shape[1] else originals

@@ -107,3 +107,18 @@ def _check_reachable(address: str) -> None:
             f"the Ray cluster at RAY_ADDRESS={address} is unreachable ({problem}): start it "
             "(`ray start --head`), fix the address, or unset RAY_ADDRESS to run on a local instance"
         ) from None
+
+
+def quiet_ordered_ray_data():
+    """This process's Ray Data context, set before a Dataset is made (it copies it): results in the order of the
+    input (what the seed or the listing gives, not the order tasks finish in), and no progress bars, execution
+    logs or stats, which would bury selfsup's own lines."""
+    import logging
+
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = context.print_on_execution_start = context.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled", "execution finished in"
+    return context

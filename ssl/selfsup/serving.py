@@ -10,7 +10,8 @@ model's requirements (`selfsup.tracking.serving_requirements`) name what loading
   are refused rather than guessed at: scale them to [0, 1] or cast 0-255 values to uint8;
 - gray N x H x W or N x H x W x 1 (one gray image: H x W), replicated to 3 channels;
 - a list of images of different sizes (each one of the above).
-Images of another size than the encoder's are center-cropped to a square and resized to it. Anything
+Images of another size than the encoder's are resized, the shorter side to the encoder's, and center-cropped
+(as `prepare` and `pipelines.embed` resize image files). Anything
 else is refused with one line naming the expected dtype and shape.
 """
 
@@ -95,7 +96,7 @@ def _batch(images: np.ndarray, original, image_size: list[int], single: bool = F
 def as_images(model_input, image_size: list[int]) -> np.ndarray:
     """What `predict` accepts (see the module's docstring) -> uint8 N x H x W x 3; a list of differently sized
     images comes back resized, each, to `image_size`. Anything else raises InputError."""
-    from selfsup.data.sources import resize_square
+    from selfsup.data.sources import center_crop_resize_images
 
     if isinstance(model_input, np.ndarray) and model_input.dtype == object:  # e.g. nested lists
         model_input = model_input.tolist()
@@ -110,7 +111,7 @@ def as_images(model_input, image_size: list[int]) -> np.ndarray:
             except ValueError:
                 raise _refuse(model_input, image_size, " (an item is not an image)") from None
             parts = [_batch(part, model_input, image_size, single=True) for part in parts]
-            return np.concatenate([resize_square(part, image_size[0]) for part in parts])
+            return np.concatenate([center_crop_resize_images(part, image_size[0]) for part in parts])
         return _batch(images, images, image_size)
     if not isinstance(model_input, np.ndarray):
         raise _refuse(model_input, image_size)  # a DataFrame, a dict, a string...

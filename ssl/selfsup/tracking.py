@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -429,6 +430,50 @@ def promote(config: MlflowConfig, root: str | Path, version: str) -> str | None:
         if aliases.get(CHALLENGER) == str(version):
             client.delete_registered_model_alias(config.model_name, CHALLENGER)
     return aliases.get(CHAMPION)
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    """One registered version, pinned: a consumer reads it even when an alias moves while it runs."""
+
+    name: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
+
+
+def resolve_model(model_uri: str, tracking_uri: str) -> ModelVersionRef:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> the version it names now; one line when the store, the model,
+    the alias or the version is missing."""
+    match = MODEL_URI.fullmatch(model_uri)
+    if not match:
+        raise TrackingError(f"model {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise TrackingError(
+            f"no MLflow store at {tracking_uri}: run `dvc repro` to register an encoder, or set MLFLOW_TRACKING_URI"
+        )
+    check_reachable(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        raise TrackingError(f"no registered model {name!r} in {tracking_uri}: check the name") from None
+    if alias:
+        if alias not in registered.aliases:
+            known = ", ".join(f"{a} (version {v})" for a, v in sorted(registered.aliases.items())) or "none"
+            raise TrackingError(f"{name} has no alias {alias!r}; its aliases: {known}")
+        return ModelVersionRef(name, str(registered.aliases[alias]))
+    versions = {str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+    if version not in versions:
+        listed = ", ".join(sorted(versions, key=int)) or "none"
+        raise TrackingError(f"{name} has no version {version}; its versions: {listed}")
+    return ModelVersionRef(name, version)
 
 
 def _as_tags(tree: dict) -> dict[str, str]:

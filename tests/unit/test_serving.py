@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from selfsup.config import MlflowConfig, ModelConfig
-from selfsup.data.sources import resize_square
+from selfsup.data.sources import center_crop_resize_images as resize_square
 from selfsup.models import Encoder, save_encoder
 from selfsup.serving import InputError, as_images
 from tests.conftest import free_port

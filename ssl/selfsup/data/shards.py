@@ -163,10 +163,9 @@ def read_streamed(uri: str, files: list[str], seed: int, image_size: int, decode
     listing and read planning cost seconds at the start of every pass."""
     import ray.data
 
-    context = ray.data.DataContext.get_current()  # read when the Dataset is made, which copies it
-    context.execution_options.preserve_order = True  # the order the seed gives, not the order tasks finish in
-    # The loop prints a line per epoch; Ray Data's bars and execution logs, once per epoch, would bury it.
-    context.enable_progress_bars = context.print_on_execution_start = context.enable_auto_log_stats = False
+    from selfsup.ray_cluster import quiet_ordered_ray_data
+
+    quiet_ordered_ray_data()  # the order the seed gives; the loop's line per epoch not buried under Ray Data's
     paths = ray.data.from_items([{"path": path} for path in shard_uris(uri, files)], override_num_blocks=len(files))
     order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
     rows_per_block = max(1, BLOCK_BYTES // (image_size * image_size * 3))

@@ -270,12 +270,10 @@ def _resized_with_ray(
     `size` in Ray Data tasks: the image as JPEG bytes from `encode_from` on, as raw uint8 pixels before."""
     import ray.data
 
-    from selfsup.ray_cluster import connect_ray
+    from selfsup.ray_cluster import connect_ray, quiet_ordered_ray_data
 
     connect_ray(streaming=True)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the shards in the files' order, whichever task ends first
-    context.enable_progress_bars = context.print_on_execution_start = context.enable_auto_log_stats = False
+    quiet_ordered_ray_data()  # the shards in the files' order, whichever task ends first
     items = [{"index": i, "path": str(path), "encode": i >= encode_from} for i, path in enumerate(paths)]
     blocks = max(1, -(-len(items) // PATHS_PER_TASK))
     resized = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
@@ -288,34 +286,31 @@ def _resized_with_ray(
             yield int(index), (_Unreadable(error) if error else (data, total, squares))
 
 
-def resize_files(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
-    """A Ray Data task's work: each file decoded (_decode_image), resized to `size` (center_crop_resize), with its
-    pixel sums, as JPEG bytes where `encode` says so, else raw; an unreadable file gets its reason in `error`."""
+def resize_files(batch: dict[str, np.ndarray], size: int, max_pixels: int, sums: bool = True) -> dict[str, np.ndarray]:
+    """A Ray Data task's work: each file (`path`: a path or a URI pyarrow reads) decoded (_decode_image) and resized to
+    `size` (center_crop_resize), as JPEG bytes where `encode` says so, else raw; an unreadable file gets its reason
+    in `error` and no bytes. With `sums`, each image's `pixel_sums` too (the shards' channel statistics)."""
     from selfsup.data.arrays import pixel_sums
     from selfsup.data.shards import encode_jpeg
 
     data, errors, totals, squares = [], [], [], []
     for path, encode in zip(batch["path"], batch["encode"]):
         try:
-            image = center_crop_resize(_decode_image(Path(path), max_pixels), size).permute(1, 2, 0).numpy()
+            image = center_crop_resize(_decode_image(str(path), max_pixels), size).permute(1, 2, 0).numpy()
         except _Unreadable as error:
             data.append(b"")
             errors.append(str(error))
             totals.append(np.zeros(3))
             squares.append(np.zeros(3))
             continue
-        total, square, _ = pixel_sums(image)
         data.append(encode_jpeg(image) if encode else image.tobytes())
         errors.append("")
-        totals.append(total)
-        squares.append(square)
-    return {
-        "index": batch["index"],
-        "data": np.array(data, dtype=object),
-        "error": np.array(errors, dtype=object),
-        "total": np.stack(totals),
-        "squares": np.stack(squares),
-    }
+        if sums:
+            total, square, _ = pixel_sums(image)
+            totals.append(total)
+            squares.append(square)
+    resized = {"index": batch["index"], "data": np.array(data, dtype=object), "error": np.array(errors, dtype=object)}
+    return {**resized, "total": np.stack(totals), "squares": np.stack(squares)} if sums else resized
 
 
 def _folder_files(config: DataConfig) -> list[Path]:
@@ -504,8 +499,15 @@ def center_crop_resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return center_crop(resize(image, size, antialias=True), [size, size])
 
 
-def _decode_image(path: Path, max_pixels: int) -> torch.Tensor:
-    """One image file -> uint8 3 x H x W, upright as its EXIF orientation says, the first frame of an animation.
+def center_crop_resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 N x H x W x 3 -> N x size x size x 3, each image as center_crop_resize makes a file's (prepare, embed)."""
+    tensors = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return np.stack([center_crop_resize(image, size).permute(1, 2, 0).numpy() for image in tensors])
+
+
+def _decode_image(path: Path | str, max_pixels: int) -> torch.Tensor:
+    """One image file (a path, or a URI pyarrow reads: file://, s3://, gs://) -> uint8 3 x H x W, upright as its
+    EXIF orientation says, the first frame of an animation.
 
     Raises _Unreadable, saying why, for a file over max_pixels (checked on the header, before decoding),
     truncated, or not an image.
@@ -513,10 +515,7 @@ def _decode_image(path: Path, max_pixels: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        size = path.stat().st_size
-        if size > BYTES_PER_PIXEL * max_pixels + METADATA_BYTES:
-            raise _Unreadable(f"{size:,} bytes, more than an image within data.max_image_pixels={max_pixels:,} needs")
-        data = path.read_bytes()
+        data = _read_file(path, BYTES_PER_PIXEL * max_pixels + METADATA_BYTES, max_pixels)
         with _pillow_pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as image:  # reads the header only
             if _torchvision_decodes(image):
                 return _decode_with_torchvision(data)
@@ -527,6 +526,26 @@ def _decode_image(path: Path, max_pixels: int) -> torch.Tensor:
         raise _Unreadable("not an image Pillow can identify") from None
     except DECODE_ERRORS as error:
         raise _Unreadable(_one_line(error)) from None
+
+
+def _read_file(path: Path | str, most_bytes: int, max_pixels: int) -> bytes:
+    """The file's bytes, refused unread past `most_bytes`."""
+    if isinstance(path, str) and "://" in path:
+        from pyarrow import fs
+
+        filesystem, where = fs.FileSystem.from_uri(path)
+        size = filesystem.get_file_info(where).size
+    else:
+        path = Path(path)
+        size = path.stat().st_size
+    if size is None:
+        raise _Unreadable("not a file")
+    if size > most_bytes:
+        raise _Unreadable(f"{size:,} bytes, more than an image within data.max_image_pixels={max_pixels:,} needs")
+    if isinstance(path, Path):
+        return path.read_bytes()
+    with filesystem.open_input_stream(where) as stream:
+        return stream.readall()
 
 
 def _one_line(error: Exception) -> str:

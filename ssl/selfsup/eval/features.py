@@ -87,9 +87,9 @@ def load_features(path: str | Path) -> dict[str, np.ndarray]:
 def embed_images(encoder: Encoder, image_size: list[int], images: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """What a registered encoder serves: uint8 images (N x H x W x 3, any H and W) -> float32 N x D.
 
-    Images of another size are center-cropped and resized to the size the encoder was trained at.
+    Images of another size are resized, the shorter side to the encoder's, and center-cropped (as files are).
     """
-    from selfsup.data.sources import resize_square
+    from selfsup.data.sources import center_crop_resize_images
 
     images = np.asarray(images)
     if images.ndim == 3:
@@ -97,5 +97,5 @@ def embed_images(encoder: Encoder, image_size: list[int], images: np.ndarray, ba
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
     if list(images.shape[1:3]) != list(image_size):
-        images = resize_square(images, image_size[0])
+        images = center_crop_resize_images(images, image_size[0])
     return extract_features(encoder, images, batch_size)
