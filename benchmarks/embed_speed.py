@@ -102,6 +102,7 @@ def main() -> None:
         for backbone in args.backbones:
             root = Path(tmp) / backbone
             root.mkdir()
+            os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri below sets it: register in this root
             uri = register_random_encoder(root, backbone, args.image_size)
             tracking = f"sqlite:///{root / 'mlflow.db'}"
             mlflow.set_tracking_uri(tracking)

@@ -181,7 +181,7 @@ def _embed_shards(
     """Embed the shards `todo` through Ray Data; returns the images embedded."""
     import ray.data
 
-    from selfsup.data.sources import PATHS_PER_TASK, resize_files
+    from selfsup.data.sources import decoding_tasks, resize_files
     from selfsup.ray_cluster import connect_ray, quiet_ordered_ray_data
 
     connect_ray(streaming=True)
@@ -198,7 +198,7 @@ def _embed_shards(
     # A decoding task holds one full-size image at a time (a 12 MP photo is 36 MB decoded): its memory request keeps
     # a node from starting more of them than it holds, and keeps Ray Data from fusing the decoding into the actors,
     # where it would wait for the model instead of running beside it.
-    decoded = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // PATHS_PER_TASK))).map_batches(
+    decoded = ray.data.from_items(items, override_num_blocks=decoding_tasks(len(items))).map_batches(
         resize_files,
         batch_size=None,
         fn_kwargs={"size": image_size, "max_pixels": job.max_image_pixels, "sums": False},

@@ -12,9 +12,15 @@ import ray
 from selfsup.errors import RayClusterError
 from selfsup.reachability import unreachable
 
-# The processes of a streaming job run this as they start (ray.init's worker_process_setup_hook): Ray Data's
-# scheduling loop otherwise spins a core (selfsup.data.shards).
-THROTTLE_HOOK = "selfsup.data.shards.throttle_ray_data_scheduler"
+# Ray Data's scheduling loop (2.60) does not block while it waits for a slower consumer: once its tasks are done, or
+# their output waits unread under backpressure, each step returns at once and the loop spins a whole core. Training
+# streams through such a loop (in Ray Train's SplitCoordinator actor) for as long as the data is ahead of it, which
+# is the goal: on 2 cores it halved the training (850 against 1,800 images/s, docs/streaming.md); `prepare` and
+# `embed` iterate one in their own process. A floor on a step's duration turns the spin into a poll of 200 steps a
+# second, plenty for blocks of thousands of images.
+SCHEDULER_STEP_FLOOR_S = 0.005
+# The processes of a streaming job apply it as they start (ray.init's worker_process_setup_hook).
+THROTTLE_HOOK = "selfsup.ray_cluster.throttle_ray_data_scheduler"
 
 # Quiet defaults for the processes Ray starts from here; a user's own settings win.
 QUIET_RAY = {
@@ -32,7 +38,7 @@ def connect_ray(dashboard: bool = False, streaming: bool = False) -> None:
     """Join the cluster at RAY_ADDRESS if set (failing fast when it is unreachable or refuses us), else start a
     private local instance that never joins another by accident. Environment variables are set here, where Ray
     starts (its processes inherit them), never at import. `streaming`: this job's processes throttle Ray Data's
-    scheduling loop as they start (selfsup.data.shards.throttle_ray_data_scheduler; it costs each process the
+    scheduling loop as they start (throttle_ray_data_scheduler below; it costs each process the
     import of Ray Data, half a second, so only streaming runs ask for it)."""
     if ray.is_initialized():
         return
@@ -117,8 +123,32 @@ def quiet_ordered_ray_data():
 
     import ray.data
 
+    throttle_ray_data_scheduler()  # this process runs the loop when it iterates a Dataset itself
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
+    context.op_resource_reservation_enabled = True  # Ray Data's default, which a caller may have turned off
     context.enable_progress_bars = context.print_on_execution_start = context.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled", "execution finished in"
     return context
+
+
+def throttle_ray_data_scheduler() -> None:
+    """Give each step of Ray Data's scheduling loop at least SCHEDULER_STEP_FLOOR_S in this process."""
+    import time
+
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    step = getattr(StreamingExecutor, "_scheduling_loop_step", None)
+    if step is None or getattr(step, "throttled", False):  # another Ray version, or done already
+        return
+
+    def throttled_step(self, topology):
+        started = time.perf_counter()
+        go_on = step(self, topology)
+        rest = SCHEDULER_STEP_FLOOR_S - (time.perf_counter() - started)
+        if rest > 0 and go_on:
+            time.sleep(rest)
+        return go_on
+
+    throttled_step.throttled = True
+    StreamingExecutor._scheduling_loop_step = throttled_step

@@ -24,9 +24,19 @@ pytestmark = pytest.mark.slow
 SIZES = [(16, 16), (24, 20), (40, 30), (9, 31)]  # (height, width): the model's own, and others it resizes
 
 
-def embed(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pipelines.embed", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def embed(*args: str, env: dict[str, str], command: str = "embed") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"pipelines.{command}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def search(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return embed(*args, env=env, command="search")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +92,10 @@ def read_shards(out: Path) -> dict[str, np.ndarray]:
 def test_shards_equal_the_models_predict_and_a_rerun_writes_only_what_is_missing(registry, tmp_path) -> None:
     root, env = registry
     images = photo_folder(tmp_path / "photos", 50)
+    original = sorted(images)[7]
+    copy = Path(original).with_name("copy-of-an-image.png")  # a near-duplicate to find: the same pixels
+    copy.write_bytes(Path(original).read_bytes())
+    images[str(copy)] = images[original]
     broken = tmp_path / "photos" / "day2" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
     out = tmp_path / "embeddings"
@@ -89,9 +103,9 @@ def test_shards_equal_the_models_predict_and_a_rerun_writes_only_what_is_missing
     args += ["--images-per-shard", "16", "--batch-size", "8"]
     first = embed(*args, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "50 of 51 images embedded by test-encoder version 1" in first.stdout and "4 written now" in first.stdout
+    assert "51 of 52 images embedded by test-encoder version 1" in first.stdout and "4 written now" in first.stdout
     assert "1 unreadable skipped" in first.stdout, first.stdout
-    assert "embed: 51 of 51 images (" in first.stderr  # the progress line, with images/s
+    assert "embed: 52 of 52 images (" in first.stderr  # the progress line, with images/s
 
     import mlflow
 
@@ -115,17 +129,38 @@ def test_shards_equal_the_models_predict_and_a_rerun_writes_only_what_is_missing
     shards[3].with_suffix(".parquet.partial").write_bytes(b"half a shard")
     again = embed(*args, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "2 written now" in again.stdout and "50 of 51 images embedded" in again.stdout
+    assert "2 written now" in again.stdout and "51 of 52 images embedded" in again.stdout
     assert {shard: shard.stat().st_mtime_ns for shard in kept} == kept
     rewritten = read_shards(out)
     np.testing.assert_array_equal(np.stack([rewritten[p] for p in paths]), np.stack([rows[p] for p in paths]))
     report = json.loads((out / "report.json").read_text())
-    assert (report["embedded"], report["skipped"], report["shards"], report["shards_written"]) == (50, 1, 4, 2)
+    assert (report["embedded"], report["skipped"], report["shards"], report["shards_written"]) == (51, 1, 4, 2)
 
-    # The folder was made by version 1: embeddings of another version are refused, not mixed in.
-    register(root)  # version 2, the new @champion (the same score does not beat it: it may be challenger)
+    # Searched: an image's nearest is itself, the copy is the one near-duplicate pair.
+    index = tmp_path / "index"
+    built = search("build", "--embeddings", str(out), "--index", str(index), env=env)
+    assert built.returncode == 0 and "indexed 51 embeddings of test-encoder version 1 (exact)" in built.stdout, built
+    asked = search("query", "--index", str(index), "--image", paths[3], "-k", "3", env=env)
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    nearest = asked.stdout.splitlines()[1].split()
+    assert nearest[0] == "1" and float(nearest[1]) > 0.9999 and nearest[2] == paths[3], asked.stdout
+    assert len(asked.stdout.splitlines()) == 4
+    report_folder = tmp_path / "report"
+    found = search("duplicates", "--index", str(index), "--threshold", "0.99999", "--out", str(report_folder), env=env)
+    assert found.returncode == 0 and "1 pairs of the 51 images" in found.stdout, found.stdout + found.stderr
+    with open(report_folder / "duplicates.csv") as f:
+        assert [sorted([row["path_a"], row["path_b"]]) for row in csv.DictReader(f)] == [sorted([original, str(copy)])]
+    assert (report_folder / "duplicates.png").stat().st_size > 1000
+
+    # Made by version 1: embeddings of another version are refused, not mixed in, and so are its queries.
+    register(root)  # version 2 (the same score does not beat the champion: it is the challenger)
     other = embed(*args[:4], "--model", "models:/test-encoder/2", *args[6:], env=env)
     assert other.returncode == 2 and "holds embeddings of another model version" in other.stderr, other.stderr
+    asked = search(
+        "query", "--index", str(index), "--image", paths[3], "--model", "models:/test-encoder@challenger", env=env
+    )
+    assert asked.returncode == 2 and "the queries come from test-encoder version 2" in asked.stderr, asked.stderr
+    assert asked.stderr.count("\n") == 1
 
 
 def test_a_bad_folder_is_one_line_before_ray_starts(registry, tmp_path) -> None:

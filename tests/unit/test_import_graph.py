@@ -25,7 +25,7 @@ LAYERS = [
     ("selfsup.params",),
     ("selfsup.eval", "selfsup.sweep"),
     ("selfsup.train",),
-    ("selfsup.tracking", "selfsup.serving", "selfsup.embedding"),
+    ("selfsup.tracking", "selfsup.serving", "selfsup.embedding", "selfsup.search", "selfsup.service"),
 ]
 
 

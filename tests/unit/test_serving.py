@@ -30,11 +30,11 @@ IMAGES = RNG.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
 OTHER = RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)  # another size: center-cropped and resized
 
 
-def register(root: Path, backbone: str = "small_cnn", name: str = "test-encoder") -> str:
+def register(root: Path, backbone: str = "small_cnn", name: str = "test-encoder", seed: int = 0) -> str:
     """An encoder registered as the pipeline registers it (local SQLite store in `root`); returns its models:/ URI."""
     from selfsup.tracking import register_encoder
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     encoder = Encoder(ModelConfig(backbone=backbone, width=0.25), mean=[0.5] * 3, std=[0.25] * 3, image_size=16)
     save_encoder(encoder, root / "encoder.pt", SIZE)
     register_encoder(

@@ -178,37 +178,6 @@ def read_streamed(uri: str, files: list[str], seed: int, image_size: int, decode
     )
 
 
-# Ray Data's scheduling loop (2.60) does not block while it waits for a slower consumer: once its tasks are done, or
-# their output waits unread under backpressure, each step returns at once and the loop spins a whole core. Training
-# streams through such a loop (in Ray Train's SplitCoordinator actor) for as long as the data is ahead of it, which
-# is the goal: on 2 cores it halved the training (850 against 1,800 images/s, docs/streaming.md). A floor on a
-# step's duration turns the spin into a poll of 200 steps a second, plenty for blocks of thousands of images.
-SCHEDULER_STEP_FLOOR_S = 0.005
-# The processes of a streaming run apply it as they start (selfsup.ray_cluster.THROTTLE_HOOK names it).
-
-
-def throttle_ray_data_scheduler() -> None:
-    """Give each step of Ray Data's scheduling loop at least SCHEDULER_STEP_FLOOR_S in this process."""
-    import time
-
-    from ray.data._internal.execution.streaming_executor import StreamingExecutor
-
-    step = getattr(StreamingExecutor, "_scheduling_loop_step", None)
-    if step is None or getattr(step, "throttled", False):  # another Ray version, or done already
-        return
-
-    def throttled_step(self, topology):
-        started = time.perf_counter()
-        go_on = step(self, topology)
-        rest = SCHEDULER_STEP_FLOOR_S - (time.perf_counter() - started)
-        if rest > 0 and go_on:
-            time.sleep(rest)
-        return go_on
-
-    throttled_step.throttled = True
-    StreamingExecutor._scheduling_loop_step = throttled_step
-
-
 # Decoded images leave a task in blocks of about this size: a whole shard of large images would be gigabytes in
 # the object store at once (8,192 images of 224 px are 1.2 GB), and a block is what a worker waits for.
 BLOCK_BYTES = 32 << 20

@@ -338,3 +338,20 @@ def plot_sweep(
     axes[0][0].legend(fontsize="small")
     fig.suptitle(f"{metric} of {len(kept)} trials")
     return _save(fig, path)
+
+
+def plot_image_pairs(pairs: list[tuple[np.ndarray, np.ndarray, str]], path: str | Path, columns: int = 4) -> Path:
+    """Pairs of images side by side, each pair titled (a near-duplicate report: the cosine similarity); uint8
+    H x W x 3 images, any sizes."""
+    plt = _pyplot()
+    rows = max(1, -(-len(pairs) // columns))
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2.4 * columns, 1.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for n, (first, second, title) in enumerate(pairs):
+        left, right = axes[n // columns, 2 * (n % columns)], axes[n // columns, 2 * (n % columns) + 1]
+        left.imshow(first)
+        right.imshow(second)
+        left.set_title(title, fontsize=7, loc="left")
+    fig.tight_layout(pad=0.3)
+    return _save(fig, path)

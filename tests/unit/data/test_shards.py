@@ -79,7 +79,7 @@ def joined_ray(shared_ray_address, monkeypatch) -> Iterator[None]:
 
 
 def test_ray_data_tasks_write_the_bytes_one_process_would_in_order(tmp_path: Path, joined_ray, monkeypatch) -> None:
-    """Decoding, resizing and encoding run in Ray Data tasks (five here); the shards hold exactly the JPEGs this
+    """Decoding, resizing and encoding run in Ray Data tasks (several here); the shards hold exactly the JPEGs this
     process makes of the same files, numbered in order, the held-out images their raw pixels, the broken file
     skipped, and the channel statistics those of the written images."""
     monkeypatch.setattr(sources, "PATHS_PER_TASK", 9)
@@ -149,7 +149,7 @@ def test_ray_datas_scheduling_loop_polls_instead_of_spinning(monkeypatch) -> Non
 
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
 
-    from selfsup.data.shards import SCHEDULER_STEP_FLOOR_S, throttle_ray_data_scheduler
+    from selfsup.ray_cluster import SCHEDULER_STEP_FLOOR_S, throttle_ray_data_scheduler
 
     steps = []
     monkeypatch.setattr(StreamingExecutor, "_scheduling_loop_step", lambda self, topology: steps.append(1) or True)
