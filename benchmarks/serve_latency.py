@@ -91,10 +91,11 @@ def load(url: str, bodies: list[bytes], headers: dict, concurrency: int, seconds
     elapsed = time.perf_counter() - started
     ms = np.array(latencies) * 1000
     return {
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
         "requests_per_s": len(latencies) / elapsed,
         "failed": len(failures),
+        "first_failure": failures[0] if failures else None,
     }
 
 
