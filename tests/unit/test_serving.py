@@ -32,11 +32,19 @@ OTHER = RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)  # another size: cente
 
 def register(root: Path, backbone: str = "small_cnn", name: str = "test-encoder", seed: int = 0) -> str:
     """An encoder registered as the pipeline registers it (local SQLite store in `root`); returns its models:/ URI."""
-    from selfsup.tracking import register_encoder
-
     torch.manual_seed(seed)
     encoder = Encoder(ModelConfig(backbone=backbone, width=0.25), mean=[0.5] * 3, std=[0.25] * 3, image_size=16)
     save_encoder(encoder, root / "encoder.pt", SIZE)
+    # root's own store: mlflow.set_tracking_uri elsewhere in the session sets MLFLOW_TRACKING_URI, which would win
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        _register(root, encoder, name)
+    return f"models:/{name}@champion"
+
+
+def _register(root: Path, encoder, name: str) -> None:
+    from selfsup.tracking import register_encoder
+
     register_encoder(
         root / "encoder.pt",
         MlflowConfig(model_name=name),
@@ -48,7 +56,6 @@ def register(root: Path, backbone: str = "small_cnn", name: str = "test-encoder"
         example=IMAGES,
         feature_dim=encoder.feature_dim,
     )
-    return f"models:/{name}@champion"
 
 
 # -- what predict accepts ------------------------------------------------------------------------------------------

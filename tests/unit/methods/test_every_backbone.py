@@ -102,8 +102,11 @@ def test_every_method_trains_on_views_smaller_than_the_stored_images(method: str
 
 
 def test_views_larger_than_the_stored_images_are_refused_before_any_compute() -> None:
+    """params.yaml refuses views.size above data.image_size (tests/unit/test_params.py); images prepared at their
+    native size (data.image_size: null) are checked against the views when pretraining starts."""
+    params = load_params({"data": {"image_size": None}, "views": {"size": 24}})
     with pytest.raises(ConfigError, match=r"views.size=24 is larger than the 16 px images stored.*at most 16"):
-        make_spec("simclr", views={"size": 24})
+        PretrainSpec(params.model, params.method, params.views, params.train, [0.5] * 3, [0.25] * 3, IMAGE_SIZE)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
