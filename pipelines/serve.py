@@ -9,6 +9,7 @@ curl -s http://127.0.0.1:8000/health
 """
 
 import argparse
+import os
 import threading
 
 from pipelines.common import ROOT, read_params, run_stage
@@ -70,9 +71,12 @@ def main() -> None:
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
-        from ray import serve
+        if os.environ.get("RAY_ADDRESS"):  # Serve outlives this process on a cluster: stop it there
+            from ray import serve
 
-        serve.shutdown()
+            serve.shutdown()
+        # A private instance ends with this process, the application with it (serve.shutdown would first wait for
+        # the replicas to drain: up to a minute, measured).
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def service(tmp_path_factory):
     yield {"url": url, "port": port, "root": root, "images": images, "model": model, "process": process, "said": said}
     process.send_signal(signal.SIGINT)
     try:
-        process.wait(timeout=60)
+        process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
