@@ -96,13 +96,13 @@ def embed_collection(job: EmbedJob) -> EmbedReport:
 
 def list_images(images: str) -> list[str]:
     """Every image file below a folder or URI (by suffix, any depth), sorted; one line when there is none."""
-    from selfsup.data.sources import IMAGE_SUFFIXES
+    from selfsup.data.sources import IMAGE_SUFFIXES, _image_files
 
     if "://" not in images:
         root = Path(images).expanduser()
         if not root.is_dir():
             raise DatasetError(f"--images {images} is not a folder: point it at the folder of your images")
-        found = sorted(str(p.resolve()) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = sorted(str(path.resolve()) for path in _image_files(root))
     else:
         from pyarrow import fs
 

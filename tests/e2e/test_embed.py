@@ -44,12 +44,7 @@ def registry(tmp_path_factory, shared_ray_address) -> tuple[Path, dict[str, str]
     """A registered encoder (version 1 @champion) in a store of its own, and the env that points the command at it
     and at the suite's Ray cluster."""
     root = tmp_path_factory.mktemp("registry")
-    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        register(root)
-    finally:
-        if saved is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    register(root)  # into root's own store, whatever MLFLOW_TRACKING_URI says
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",

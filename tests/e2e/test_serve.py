@@ -63,12 +63,7 @@ def service(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("served")
-    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        register(root)
-    finally:
-        if saved is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    register(root)  # into root's own store, whatever MLFLOW_TRACKING_URI says
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking)
     model = mlflow.pyfunc.load_model("models:/test-encoder/1")
@@ -174,12 +169,7 @@ def test_moving_the_alias_switches_the_version_with_no_failed_request(service) -
     for thread in clients:
         thread.start()
     time.sleep(1.0)
-    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        register(service["root"], seed=1)
-    finally:
-        if saved is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    register(service["root"], seed=1)  # into root's own store, whatever MLFLOW_TRACKING_URI says
     MlflowClient(f"sqlite:///{service['root'] / 'mlflow.db'}").set_registered_model_alias(
         "test-encoder", "champion", "2"
     )

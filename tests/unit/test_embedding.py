@@ -14,9 +14,7 @@ from tests.unit.test_serving import register
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        register(root)
+    register(root)  # into root's own store, whatever MLFLOW_TRACKING_URI says
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
