@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -163,6 +165,34 @@ def test_second_repro_runs_nothing(pipeline_repo):
     assert "up to date" in status.output, status.output
 
 
+def start_the_queue(repo: Path, env: dict[str, str], jobs: int) -> None:
+    """`dvc queue start`, its output to a file: the workers it leaves running inherit it, and a pipe would hold
+    the test until the last worker exits (see stop_the_queue_workers)."""
+    with open(repo.parent / "queue-start.log", "w") as log:
+        started = subprocess.run(
+            ["dvc", "queue", "start", "--jobs", str(jobs)], cwd=repo, env=env, stdout=log, stderr=log, timeout=60
+        )
+    assert started.returncode == 0, (repo.parent / "queue-start.log").read_text()
+
+
+def stop_the_queue_workers(repo: Path) -> None:
+    """Stop the queue workers `dvc queue start` started in `repo` (their pid files), whatever state they are in.
+    Under load one can outlive the queue: dvc-task's monitor asks its busy worker for its tasks, gets no answer
+    in time, and sends a shutdown that this worker never receives; `dvc queue stop` does not reach it either."""
+    workers = []
+    for pid_file in (repo / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            worker = psutil.Process(int(pid_file.read_text()))
+            if "queue-worker" in worker.cmdline() and Path(worker.cwd()) == repo.resolve():
+                workers.append(worker)
+        except (psutil.NoSuchProcess, ValueError):
+            pass
+    for worker in workers:
+        worker.terminate()
+    for worker in psutil.wait_procs(workers, timeout=20)[1]:
+        worker.kill()
+
+
 def wait_for_the_queue(repo: Path, env: dict[str, str], timeout: float = 600) -> str:
     """`dvc queue status` once nothing is queued or running."""
     deadline = time.monotonic() + timeout
@@ -218,8 +248,11 @@ def test_two_queued_experiments_at_once_land_in_the_projects_registry_one_of_the
         flags = [arg for setting in settings for arg in ("-S", setting)]
         queued = run(["dvc", "exp", "run", "--queue", "--name", name, *tiny_flags, *flags], repo, private)
         assert queued.returncode == 0, queued.output
-    assert run(["dvc", "queue", "start", "--jobs", "2"], repo, private).returncode == 0
-    status = wait_for_the_queue(repo, private)
+    try:
+        start_the_queue(repo, private, jobs=2)
+        status = wait_for_the_queue(repo, private)
+    finally:
+        stop_the_queue_workers(repo)
     logs = {name: run(["dvc", "queue", "logs", name], repo, private).output for name in experiments}
     assert status.count("Success") == 2, (status, logs)
     assert sorted(ran_stages(logs["exemplar-small"])) == sorted(STAGES[4:]), logs["exemplar-small"][-3000:]

@@ -46,7 +46,7 @@ print('jobs', JobSubmissionClient('{url}', headers={headers}).list_jobs())
 
 
 def _clients(*clients: tuple[str, dict[str, str]]) -> list[subprocess.CompletedProcess]:
-    """Run each (code, env) in its own Python at once: a refused client gives up only after Ray's ~20 s of retries."""
+    """Run each (code, env) in its own Python, all at once (each Python and Ray start-up costs seconds)."""
     started = [
         (
             code,
@@ -80,7 +80,11 @@ def test_the_local_instance_is_private_and_admits_only_its_token_holders(tmp_pat
         gcs_address, dashboard = instance.stdout.readline().split()
         assert gcs_address.rsplit(":", 1)[1] != shared_ray_address.rsplit(":", 1)[1]
         assert dashboard.startswith("http://127.0.0.1:")
-        stranger = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}  # no token file
+        # No token, and no token file; a refused client retries its read of the GCS 20 times, 2 s apart: twice will do.
+        stranger = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {
+            "HOME": str(tmp_path),
+            "RAY_NUM_REDIS_GET_RETRIES": "2",
+        }
         wrong = {**stranger, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
         refused, guessed = _clients(
             (STRANGER.format(address=gcs_address, url=dashboard), stranger), (JOIN.format(address=gcs_address), wrong)
