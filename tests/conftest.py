@@ -46,6 +46,7 @@ SHARED_SESSION_FIXTURE = {
 }
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's, absent under -p no:xdist
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     from xdist.scheduler import LoadScopeScheduling
 
