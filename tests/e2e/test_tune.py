@@ -53,6 +53,12 @@ def trial_results(repo: Path, name: str = "sweep", storage: Path | None = None) 
     }
 
 
+def finished_trials(results: dict[str, list[dict]], epochs: int) -> dict[str, int]:
+    """The trials whose last report is of their last epoch, with their number of reports (a trial that has only
+    begun has none yet)."""
+    return {name: len(reports) for name, reports in results.items() if reports and reports[-1]["epoch"] == epochs}
+
+
 def set_tune(repo: Path, **tune) -> None:
     """Replace keys of params.yaml's tune section whole (update_params would merge a new space into the old)."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -167,19 +173,14 @@ def test_a_killed_sweep_judged_by_the_linear_probe_resumes_without_rerunning_fin
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:  # one trial done and the next one under way
             results = trial_results(repo, "resumed")
-            done = [name for name, reports in results.items() if reports and reports[-1]["epoch"] == 3]
-            if done and len(results) >= 2:
+            if finished_trials(results, epochs=3) and len(results) >= 2:
                 break
             time.sleep(0.5)
         time.sleep(3)  # past one save of the sweep's state (TUNE_GLOBAL_CHECKPOINT_S=2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    finished = {  # a trial that had only begun has an empty result.json
-        name: len(reports)
-        for name, reports in trial_results(repo, "resumed").items()
-        if reports and reports[-1]["epoch"] == 3
-    }
+    finished = finished_trials(trial_results(repo, "resumed"), epochs=3)
     assert finished, "no trial finished before the deadline"
 
     resumed = run(["python", "-m", "pipelines.tune", "--resume"], repo, env)
